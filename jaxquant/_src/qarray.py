@@ -1,0 +1,135 @@
+"""``QArray``: a blockwise-quantized array as a JAX pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant._src import codebooks
+
+
+def blocked_shape(shape: tuple[int, ...], axis: int | None) -> tuple[tuple[int, ...], int]:
+    """``(rest, L)``: the array viewed as rows of length ``L`` whose runs of ``block_size`` are blocks.
+
+    ``axis=None`` is bitsandbytes' view, the whole row-major flattening as one row (``rest=()``);
+    ``axis=k`` moves axis k last, so each row is one line of elements along axis k.
+    """
+    if axis is None:
+        return (), math.prod(shape)
+    rest = tuple(d for i, d in enumerate(shape) if i != axis)
+    return rest, shape[axis]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """A blockwise-quantized array: codes, one constant per block, and static metadata.
+
+    View the array as rows of length ``L`` (``blocked_shape``): for ``axis=None`` the row-major
+    flattening of ``x``, for ``axis=k`` the lines of ``moveaxis(x, k, -1)``. Each row is cut into
+    ``nb = ceil(L / block_size)`` blocks (the last one may be partial) and, with ``v`` the code
+    table of ``qtype`` (``codebooks.QTYPES``), for element ``j`` of block ``b`` of a row::
+
+        symmetric:  x[j] ≈ v[codes[j]] * scale[b]                      (scale = absmax for nf4/fp4/
+                                                                         dynamic8, absmax/qmax for int)
+        affine:     x[j] ≈ (v[codes[j]] - zero_point[b]) * scale[b]     (int4/int8, zero_point=True)
+        nested:     the same, plus ``offset`` (double quantization's mean)
+
+    ``scale`` is a float32 array of shape ``(*rest, nb)`` or, with double quantization, a nested
+    ``QArray`` of that shape (dynamic8, blocks of 256, with an ``offset``) — QLoRA's "double
+    quantization" (arXiv 2305.14314, §3). 4-bit codes are packed two per byte along the row, the
+    element with the even index in the high nibble; an odd row ends in the code of 0.0. So
+    ``codes`` is uint8 ``(*rest, ceil(L / 2))`` for 4-bit types and ``(*rest, L)`` for 8-bit ones.
+
+    The dataclass is a pytree: ``codes``, ``scale``, ``zero_point`` and ``offset`` are leaves (or
+    None); ``shape``, ``dtype``, ``qtype``, ``block_size`` and ``axis`` are static, so a change of
+    block size retraces. Build one with ``jaxquant.quantize``; ``validate`` checks the invariant.
+
+    To scan over stacked layers, quantize each layer and stack the QArrays leaf by leaf
+    (``jax.tree.map(lambda *a: jnp.stack(a), *qs)``): ``lax.scan`` then hands each step one layer's
+    QArray, whose metadata is the single layer's.
+    """
+
+    codes: jax.Array
+    scale: Any  # jax.Array | QArray
+    zero_point: jax.Array | None = None
+    offset: jax.Array | None = None
+    shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    dtype: Any = dataclasses.field(default=np.dtype(np.float32), metadata=dict(static=True))
+    qtype: str = dataclasses.field(default="nf4", metadata=dict(static=True))
+    block_size: int = dataclasses.field(default=64, metadata=dict(static=True))
+    axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits(self) -> int:
+        return codebooks.get_qtype(self.qtype).bits
+
+    @property
+    def num_blocks(self) -> int:
+        rest, length = blocked_shape(self.shape, self.axis)
+        return math.prod(rest) * -(-length // self.block_size)
+
+    @property
+    def double_quant(self) -> bool:
+        return isinstance(self.scale, QArray)
+
+    def __repr__(self) -> str:
+        extra = ", zero_point=True" if self.zero_point is not None else ""
+        extra += ", double_quant=True" if self.double_quant else ""
+        return (f"QArray(shape={self.shape}, dtype={np.dtype(self.dtype).name}, qtype={self.qtype!r}, "
+                f"block_size={self.block_size}, axis={self.axis}{extra})")
+
+
+def _expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(f"inconsistent QArray: {message}")
+
+
+def validate(q: QArray) -> QArray:
+    """Check ``q``'s leaves against its metadata (shapes and dtypes only, so tracers pass).
+
+    Raises:
+      ValueError: naming the first leaf or field that breaks the invariant of ``QArray``.
+    Returns:
+      ``q`` unchanged.
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"expected a jaxquant.QArray, got {type(q).__name__}")
+    qt = codebooks.get_qtype(q.qtype)
+    _expect(isinstance(q.block_size, int) and q.block_size > 0, f"block_size={q.block_size!r}")
+    _expect(jnp.issubdtype(q.dtype, jnp.floating), f"dtype={q.dtype!r} is not floating")
+    _expect(q.axis is None or 0 <= q.axis < len(q.shape), f"axis={q.axis} for shape={q.shape}")
+    rest, length = blocked_shape(q.shape, q.axis)
+    row_codes = -(-length // 2) if qt.bits == 4 else length
+    nb = -(-length // q.block_size)
+    _expect(tuple(q.codes.shape) == (*rest, row_codes) and q.codes.dtype == jnp.uint8,
+            f"codes {q.codes.dtype}{tuple(q.codes.shape)}, expected uint8{(*rest, row_codes)} "
+            f"for shape={q.shape} axis={q.axis} qtype={q.qtype}")
+    if isinstance(q.scale, QArray):
+        validate(q.scale)
+        _expect(q.scale.shape == (*rest, nb) and q.scale.offset is not None,
+                f"nested scale {q.scale!r}, expected shape {(*rest, nb)} with an offset")
+    else:
+        _expect(tuple(q.scale.shape) == (*rest, nb) and q.scale.dtype == jnp.float32,
+                f"scale {q.scale.dtype}{tuple(q.scale.shape)}, expected float32{(*rest, nb)}")
+    if q.zero_point is not None:
+        _expect(qt.is_integer, f"zero_point given for table qtype {q.qtype!r}")
+        _expect(tuple(q.zero_point.shape) == (*rest, nb) and q.zero_point.dtype == jnp.int8,
+                f"zero_point {q.zero_point.dtype}{tuple(q.zero_point.shape)}, expected int8{(*rest, nb)}")
+    if q.offset is not None:
+        _expect(tuple(q.offset.shape) == () and q.offset.dtype == jnp.float32,
+                f"offset {q.offset.dtype}{tuple(q.offset.shape)}, expected a float32 scalar")
+    return q

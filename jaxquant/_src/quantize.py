@@ -1,0 +1,280 @@
+"""Blockwise quantize / dequantize: symmetric absmax, affine, and double quantization.
+
+Terms: a *row* is a run of ``L`` elements the blocks are cut from (``qarray.blocked_shape``); a
+*block* is ``block_size`` consecutive elements of a row, the last one possibly partial; each block
+gets one constant. Table types (nf4, fp4, dynamic8) follow bitsandbytes' CPU/default path bit for
+bit: ``absmax`` in float32, ``x * (1 / absmax)`` clamped to [-1, 1] (a partial last block divides,
+as bitsandbytes does), then the nearest table level (ties to the lower level). Integer types round
+``x / scale`` half to even. Affine blocks stretch ``[min(x, 0), max(x, 0)]`` over the full signed
+code range; including 0 keeps the zero point an in-range integer and 0.0 exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant._src import codebooks
+from jaxquant._src.qarray import QArray, blocked_shape, validate
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize one array (hashable: a static argument of the jitted core)."""
+
+    qtype: str = "nf4"
+    block_size: int | None = 64
+    axis: int | None = None
+    zero_point: bool = False
+    double_quant: bool = False
+    nested_block_size: int = 256
+
+    def validated(self, ndim: int) -> "QuantConfig":
+        """The config with ``axis`` made non-negative; ValueError for what is not allowed."""
+        qt = codebooks.get_qtype(self.qtype)
+        for name in ("block_size", "nested_block_size"):
+            value = getattr(self, name)
+            if value is None and name == "block_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive int (or block_size=None for one block "
+                                 f"per row), got {name}={value!r}")
+        if self.zero_point and not qt.is_integer:
+            raise ValueError(f"zero_point=True needs an integer qtype ('int4' or 'int8'), got "
+                             f"qtype={self.qtype!r}: table types are symmetric by construction")
+        axis = self.axis
+        if axis is not None:
+            if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
+                raise ValueError(f"axis must be None or an int in [{-ndim}, {ndim}) for a "
+                                 f"{ndim}-d array, got axis={axis!r}")
+            axis = int(axis) % ndim
+        bs = None if self.block_size is None else int(self.block_size)
+        return dataclasses.replace(self, axis=axis, block_size=bs,
+                                   nested_block_size=int(self.nested_block_size))
+
+
+def _check_dtype(x) -> None:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(f"quantize needs a float32, bfloat16 or float16 array, got dtype={dtype}")
+
+
+def _to_rows(x: jax.Array, axis: int | None) -> jax.Array:
+    """``x`` as ``(*rest, L)``: flattened for axis=None, the block axis moved last otherwise."""
+    return x.reshape(x.size) if axis is None else jnp.moveaxis(x, axis, -1)
+
+
+def _from_rows(rows: jax.Array, shape: tuple[int, ...], axis: int | None) -> jax.Array:
+    if axis is None:
+        return rows.reshape(shape)
+    moved = (*shape[:axis], *shape[axis + 1:], shape[axis])
+    return jnp.moveaxis(rows.reshape(moved), -1, axis)
+
+
+def _to_blocks(rows: jax.Array, block_size: int, fill=0) -> jax.Array:
+    """``(*rest, L)`` -> ``(*rest, nb, block_size)``, padding the last block with ``fill``."""
+    length = rows.shape[-1]
+    nb = -(-length // block_size)
+    pad = nb * block_size - length
+    if pad:
+        rows = jnp.pad(rows, [(0, 0)] * (rows.ndim - 1) + [(0, pad)], constant_values=fill)
+    return rows.reshape(*rows.shape[:-1], nb, block_size)
+
+
+def _nearest_code(scaled: jax.Array, qt: codebooks.QType) -> jax.Array:
+    """Raw code of the nearest level of ``qt`` (int32): #midpoints strictly below, in code order."""
+    mids, order = qt.midpoints, qt.sorted_order
+    if len(qt.values) <= 16:
+        # code = order[#(v > m_i)], written as a sum of steps so it needs no gather.
+        code = jnp.full(scaled.shape, order[0], jnp.int32)
+        for m, step in zip(mids, np.diff(order)):
+            code = code + jnp.where(scaled > m, np.int32(step), np.int32(0))
+        return code
+    sorted_index = jnp.searchsorted(jnp.asarray(mids), scaled, side="left").astype(jnp.int32)
+    if np.array_equal(order, np.arange(len(order))):
+        return sorted_index
+    return jnp.asarray(order)[sorted_index]
+
+
+def _scale_by_reciprocal(blocks: jax.Array, absmax: jax.Array, length: int, block_size: int):
+    """``clip(x * (1 / absmax), -1, 1)``; a partial last block divides (bitsandbytes' default path)."""
+    # bitsandbytes clamps absmax to >= 1e-38 so that all-zero blocks code 0.0; XLA flushes that
+    # subnormal to zero, so divide an all-zero block by 1 instead (same codes, same stored absmax).
+    safe = jnp.where(absmax > 0, absmax, 1)[..., None]
+    scaled = blocks * (np.float32(1) / safe)
+    if length % block_size:
+        scaled = scaled.at[..., -1, :].set(blocks[..., -1, :] / safe[..., -1, :])
+    return jnp.clip(scaled, -1, 1)
+
+
+def _pack_rows(codes: jax.Array, fill: int) -> jax.Array:
+    """int codes ``(*rest, L)`` in [0, 16) -> uint8 ``(*rest, ceil(L/2))``, even index high nibble."""
+    codes = codes.astype(jnp.uint8)
+    if codes.shape[-1] % 2:
+        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)], constant_values=fill)
+    return (codes[..., 0::2] << 4) | codes[..., 1::2]
+
+
+def _unpack_rows(packed: jax.Array, length: int) -> jax.Array:
+    """uint8 ``(*rest, ceil(L/2))`` -> uint8 codes ``(*rest, L)``."""
+    pairs = jnp.stack([packed >> 4, packed & 0xF], axis=-1)
+    return pairs.reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :length]
+
+
+def _quantize_blocks(blocks: jax.Array, length: int, block_size: int, cfg: QuantConfig):
+    """float32 ``(*rest, nb, bs)`` -> (raw int32 codes, scale, zero_point or None)."""
+    qt = codebooks.get_qtype(cfg.qtype)
+    if cfg.zero_point:
+        lo = jnp.minimum(blocks.min(-1), 0)
+        hi = jnp.maximum(blocks.max(-1), 0)
+        scale = (hi - lo) / np.float32(2**qt.bits - 1)
+        bad = ~(jnp.isfinite(lo) & jnp.isfinite(hi))
+        inv = jnp.where(scale > 0, np.float32(1) / jnp.where(scale > 0, scale, 1), 0)
+        zero_point = jnp.where(scale > 0, qt.qmin - jnp.round(lo * inv), 0)
+        zero_point = jnp.clip(jnp.where(bad, 0, zero_point), qt.qmin, qt.qmax)
+        code = jnp.clip(jnp.round(blocks * inv[..., None]) + zero_point[..., None], qt.qmin, qt.qmax)
+        scale = jnp.where(bad, jnp.nan, scale)
+        return code.astype(jnp.int32), scale, zero_point.astype(jnp.int8)
+    absmax = jnp.abs(blocks).max(-1)
+    absmax = jnp.where(jnp.isfinite(absmax), absmax, jnp.nan)  # a non-finite block's constant is NaN
+    if qt.is_integer:
+        scale = absmax / np.float32(qt.qmax)
+        inv = jnp.where(scale > 0, np.float32(1) / jnp.where(scale > 0, scale, 1), 0)
+        code = jnp.clip(jnp.round(blocks * inv[..., None]), -qt.qmax, qt.qmax)
+        return code.astype(jnp.int32), scale, None
+    scaled = _scale_by_reciprocal(blocks, absmax, length, block_size)
+    return _nearest_code(scaled, qt), absmax, None
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _quantize(x: jax.Array, cfg: QuantConfig) -> QArray:
+    qt = codebooks.get_qtype(cfg.qtype)
+    rows = _to_rows(x, cfg.axis)
+    length = rows.shape[-1]
+    block_size = cfg.block_size or max(length, 1)
+    blocks = _to_blocks(rows.astype(jnp.float32), block_size)
+    code, scale, zero_point = _quantize_blocks(blocks, length, block_size, cfg)
+    raw = (code & (2**qt.bits - 1)).reshape(*rows.shape[:-1], code.shape[-2] * block_size)[..., :length]
+    codes = _pack_rows(raw, qt.zero_code) if qt.bits == 4 else raw.astype(jnp.uint8)
+    if cfg.double_quant:
+        scale = _quantize_nested(scale, cfg.nested_block_size)
+    return QArray(codes, scale, zero_point, None, shape=tuple(x.shape), dtype=np.dtype(x.dtype),
+                  qtype=cfg.qtype, block_size=block_size, axis=cfg.axis)
+
+
+def _quantize_nested(constants: jax.Array, block_size: int) -> QArray:
+    """bitsandbytes' double quantization: subtract the mean, then dynamic8 blocks of ``block_size``."""
+    offset = constants.mean() if constants.size else jnp.float32(0)
+    nested = _quantize(constants - offset, QuantConfig("dynamic8", block_size, None))
+    return dataclasses.replace(nested, offset=offset.astype(jnp.float32))
+
+
+def _nonfinite_report(x: jax.Array) -> str:
+    bad = ~np.isfinite(np.asarray(x, dtype=np.float32))
+    where = [tuple(int(i) for i in idx) for idx in np.argwhere(bad)[:5]]
+    return (f"quantize got {int(bad.sum())} non-finite value(s) (NaN or Inf) of {bad.size}, first at "
+            f"index {where}; clean the input or pass check_finite=False (under jit the constant of a "
+            f"block holding one becomes NaN and the block dequantizes to NaN)")
+
+
+def quantize(x, qtype: str = "nf4", block_size: int | None = 64, axis: int | None = None,
+             double_quant: bool = False, *, zero_point: bool = False, nested_block_size: int = 256,
+             check_finite: bool = True) -> QArray:
+    """Quantize ``x`` blockwise to ``qtype``.
+
+    Args:
+      x: float32, bfloat16 or float16 array of any shape (float64 numpy input becomes float32).
+      qtype: ``"nf4"``, ``"fp4"`` (bitsandbytes' tables), ``"int4"``, ``"int8"`` (uniform grids) or
+        ``"dynamic8"`` (bitsandbytes' signed 8-bit dynamic map).
+      block_size: elements per block (any positive int); None for one block per row (per-tensor
+        with ``axis=None``, per-channel with ``axis=k``).
+      axis: None: blocks are consecutive runs of the row-major flattening (bitsandbytes). k: blocks
+        run along axis k (for a matmul weight ``W[K, N]``, ``axis=0``, the contraction axis).
+      double_quant: quantize the float32 block constants again (mean offset, dynamic8, blocks of
+        ``nested_block_size``) as QLoRA does (arXiv 2305.14314).
+      zero_point: affine quantization (int4/int8 only): ``x ≈ (code - zero_point) * scale``.
+      check_finite: raise on NaN/Inf in a concrete ``x`` (costs one host sync). Under ``jax.jit``
+        nothing is raised: such a block's constant becomes NaN and it dequantizes to NaN.
+
+    Returns:
+      A ``QArray``; ``dequantize`` undoes it (see ``QArray`` for the invariant).
+
+    Raises:
+      TypeError: ``x`` is not a float array. ValueError: bad qtype, block size or axis,
+      ``zero_point=True`` with a table type, or non-finite values.
+
+    Example:
+      >>> import jax, jaxquant as jq
+      >>> w = jax.random.normal(jax.random.key(0), (256, 128))
+      >>> q = jq.quantize(w, "nf4", block_size=64, axis=0, double_quant=True)
+      >>> round(jq.bits_per_param(q), 3)
+      4.128
+    """
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)
+    _check_dtype(x)
+    if not isinstance(x, jax.Array) and x.dtype == np.float64:
+        x = x.astype(np.float32)
+    x = jnp.asarray(x)
+    cfg = QuantConfig(qtype, block_size, axis, zero_point, double_quant, nested_block_size)
+    cfg = cfg.validated(x.ndim)
+    q = _quantize(x, cfg)
+    if check_finite and not isinstance(x, jax.core.Tracer):
+        constants = q.scale.offset if q.double_quant else q.scale
+        if not bool(jnp.isfinite(constants).all()):
+            raise ValueError(_nonfinite_report(x))
+    return q
+
+
+def _constants(q: QArray) -> jax.Array:
+    return _dequantize(q.scale, np.dtype(np.float32)) if isinstance(q.scale, QArray) else q.scale
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize(q: QArray, dtype) -> jax.Array:
+    qt = codebooks.get_qtype(q.qtype)
+    _, length = blocked_shape(q.shape, q.axis)
+    raw = _unpack_rows(q.codes, length) if qt.bits == 4 else q.codes
+    values = jnp.asarray(qt.values)[raw.astype(jnp.int32)]
+    blocks = _to_blocks(values, q.block_size)
+    scale = _constants(q)[..., None]
+    if q.zero_point is not None:
+        out = (blocks - q.zero_point[..., None].astype(jnp.float32)) * scale
+    else:
+        out = blocks * scale
+    if q.offset is not None:
+        out = out + q.offset
+    rows = out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])[..., :length]
+    return _from_rows(rows, q.shape, q.axis).astype(dtype)
+
+
+def dequantize(q: QArray, dtype=None) -> jax.Array:
+    """Undo ``quantize``: ``v[codes] * scale`` per block in float32, cast once to ``dtype``.
+
+    Args:
+      q: a QArray (validated here).
+      dtype: output dtype; defaults to the dtype ``q`` was quantized from.
+    """
+    validate(q)
+    return _dequantize(q, np.dtype(q.dtype if dtype is None else dtype))
+
+
+def unpack_codes(q: QArray) -> jax.Array:
+    """The codes in ``q``'s logical layout (shape ``q.shape``), before packing.
+
+    Integer qtypes give signed int8 codes (``x ≈ (code - zero_point) * scale``); table qtypes give
+    uint8 indices into their table.
+    """
+    validate(q)
+    qt = codebooks.get_qtype(q.qtype)
+    _, length = blocked_shape(q.shape, q.axis)
+    raw = _unpack_rows(q.codes, length) if qt.bits == 4 else q.codes
+    if qt.is_integer:
+        raw = jnp.asarray(qt.values.astype(np.int8))[raw.astype(jnp.int32)]
+    return _from_rows(raw, q.shape, q.axis)

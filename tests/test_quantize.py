@@ -1,0 +1,224 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant as jq
+from jaxquant._src import codebooks
+
+
+def test_seed_int8_affine_example():
+    x = np.array([0.7, -1.4, 2.5, -0.8, 1.9, -1.0, 0.3, 2.1, -0.5, 0.0], np.float32)
+    q = jq.quantize(x, qtype="int8", block_size=None, zero_point=True)
+    np.testing.assert_allclose(q.scale, [(2.5 + 1.4) / 255], rtol=1e-6)
+    assert q.zero_point.tolist() == [-36]
+    codes = jq.unpack_codes(q)
+    assert codes.dtype == jnp.int8 and codes[:3].tolist() == [10, -128, 127]
+    y = jq.dequantize(q)
+    assert abs(float(y[0]) - 0.704) < 5e-4 and abs(float(y[1]) + 1.407) < 5e-4
+    assert float(y[9]) == 0.0  # the zero point makes 0.0 exact
+
+
+def test_nf4_packing_example_from_bitsandbytes():
+    q = jq.quantize(np.array([-1, 1, 0, .5, -.5, .25, .1, -.1], np.float32), "nf4")
+    assert bytes(np.asarray(q.codes)) == bytes.fromhex("0f7c2a86")
+
+
+@pytest.mark.parametrize("qtype,expected", [("nf4", 0.0728), ("fp4", 0.0965)])
+def test_mean_error_matches_bitsandbytes_table(qtype, expected):
+    x = jax.random.normal(jax.random.key(0), (1024, 1024))
+    err = jnp.abs(jq.dequantize(jq.quantize(x, qtype, 64)) - x).mean()
+    assert abs(float(err) - expected) < 1e-3
+
+
+def test_all_zero_blocks_dequantize_to_exact_zero():
+    x = np.ones(64 * 3 + 5, np.float32)
+    x[64:128] = 0
+    x[-5:] = 0
+    for qtype in jq.QTYPES:
+        q = jq.quantize(x, qtype, 64)
+        y = np.asarray(jq.dequantize(q))
+        assert np.all(y[64:128] == 0) and np.all(y[-5:] == 0) and np.all(np.isfinite(y)), qtype
+    q = jq.quantize(x, "nf4", 64)
+    assert float(q.scale[1]) == 0 and np.asarray(q.codes)[32:64].tolist() == [0x77] * 32
+
+
+def test_axis_minus_one_equals_axis_none_when_rows_are_whole_blocks(rng):
+    x = rng.standard_normal((6, 128)).astype(np.float32)
+    a, b = jq.quantize(x, "nf4", 64, axis=None), jq.quantize(x, "nf4", 64, axis=-1)
+    np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes).reshape(-1))
+    np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale).reshape(-1))
+    np.testing.assert_array_equal(jq.dequantize(a), jq.dequantize(b))
+
+
+def test_axis_zero_blocks_run_down_columns(rng):
+    x = rng.standard_normal((128, 3)).astype(np.float32)
+    q = jq.quantize(x, "int8", 64, axis=0)
+    assert q.scale.shape == (3, 2)
+    np.testing.assert_allclose(q.scale[1, 0], np.abs(x[:64, 1]).max() / 127, rtol=1e-6)
+
+
+def test_block_size_none_is_per_tensor_or_per_channel(rng):
+    x = rng.standard_normal((5, 7)).astype(np.float32)
+    assert jq.quantize(x, "int8", None).scale.shape == (1,)
+    per_channel = jq.quantize(x, "int8", None, axis=0)
+    assert per_channel.scale.shape == (7, 1)
+    np.testing.assert_allclose(per_channel.scale[:, 0], np.abs(x).max(0) / 127, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dtype_round_trip_and_override(dtype, rng):
+    x = jnp.asarray(rng.standard_normal((3, 100)), dtype)
+    q = jq.quantize(x, "nf4", 32, axis=1)
+    assert q.dtype == dtype and jq.dequantize(q).dtype == dtype
+    assert jq.dequantize(q, dtype=jnp.float32).dtype == jnp.float32
+
+
+def test_symmetric_int_codes_are_rounded_scaled_values(rng):
+    x = rng.standard_normal(256).astype(np.float32)
+    q = jq.quantize(x, "int4", 64)
+    codes = np.asarray(jq.unpack_codes(q)).astype(np.int32)
+    scale = np.repeat(np.asarray(q.scale), 64)
+    np.testing.assert_array_equal(codes, np.clip(np.round(x / scale), -7, 7))
+
+
+def test_double_quant_constants_and_bits(rng):
+    x = rng.standard_normal((512, 256)).astype(np.float32)
+    plain = jq.quantize(x, "nf4", 64, axis=0)
+    dq = jq.quantize(x, "nf4", 64, axis=0, double_quant=True)
+    assert isinstance(dq.scale, jq.QArray) and dq.scale.qtype == "dynamic8"
+    assert dq.scale.block_size == 256 and dq.scale.offset.shape == ()
+    np.testing.assert_array_equal(np.asarray(plain.codes), np.asarray(dq.codes))  # same 4-bit bytes
+    absmax = np.asarray(plain.scale)
+    np.testing.assert_allclose(float(dq.scale.offset), absmax.mean(), rtol=1e-6)
+    rebuilt = np.asarray(jq.dequantize(dq.scale))
+    assert np.abs(rebuilt - absmax).max() < 0.02 * absmax.max()
+    assert jq.bits_per_param(plain) == 4.5
+    assert abs(jq.bits_per_param(dq) - 4.127) < 1e-3
+
+
+def test_affine_double_quant_quantizes_scales_keeps_int8_zero_points(rng):
+    x = (rng.standard_normal((256, 64)) + 0.5).astype(np.float32)
+    q = jq.quantize(x, "int4", 32, axis=0, zero_point=True, double_quant=True)
+    assert isinstance(q.scale, jq.QArray) and q.zero_point.dtype == jnp.int8
+    err = np.abs(np.asarray(jq.dequantize(q)) - x).max()
+    assert err < 0.6 * (x.max() - x.min()) / 15
+
+
+# ---------------------------------------------------------------- pytree behaviour
+
+def test_qarray_passes_through_jit_eval_shape_device_put_tree_map(rng):
+    x = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+    q = jq.quantize(x, "nf4", 32, axis=0, double_quant=True)
+    y = jax.jit(jq.dequantize)(q)
+    np.testing.assert_array_equal(y, jq.dequantize(q))
+    abstract = jax.eval_shape(lambda a: jq.quantize(a, "nf4", 32, axis=0, double_quant=True), x)
+    assert jax.tree.structure(abstract) == jax.tree.structure(q)
+    assert jq.nbytes(abstract) == jq.nbytes(q)
+    moved = jax.device_put(q, jax.devices()[1])
+    np.testing.assert_array_equal(jq.dequantize(moved), y)
+    doubled = jax.tree.map(lambda a: a, q)
+    assert doubled == q or jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), doubled, q))
+
+
+def test_block_size_change_retraces():
+    traces = []
+
+    @jax.jit
+    def f(q):
+        traces.append(q.block_size)
+        return jq.dequantize(q)
+
+    x = jnp.ones((128,), jnp.float32)
+    f(jq.quantize(x, "nf4", 64))
+    f(jq.quantize(x, "nf4", 64))
+    f(jq.quantize(x, "nf4", 32))
+    assert traces == [64, 32]
+
+
+def test_scan_over_stacked_layers(rng):
+    ws = [rng.standard_normal((64, 16)).astype(np.float32) for _ in range(3)]
+    qs = [jq.quantize(w, "nf4", 32, axis=0, double_quant=True) for w in ws]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *qs)
+
+    def step(h, q):
+        return h @ jq.dequantize(q)[:, :16].T @ jnp.ones((64, 16), jnp.float32) / 64, None
+
+    h0 = jnp.ones((2, 16), jnp.float32)
+    out, _ = jax.lax.scan(step, h0, stacked)
+    ref = h0
+    for q in qs:
+        ref, _ = step(ref, q)
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+
+
+def test_quantize_under_jit_defines_nonfinite_blocks_as_nan():
+    x = jnp.array([1.0, jnp.nan, 2.0, 3.0, jnp.inf, 1.0, 0.5, 0.25], jnp.float32)
+    q = jax.jit(lambda a: jq.quantize(a, "nf4", 2))(x)
+    y = np.asarray(jq.dequantize(q))
+    assert np.isnan(np.asarray(q.scale)).tolist() == [True, False, True, False]
+    assert np.isnan(y).tolist() == [True, True, False, False, True, True, False, False]
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("x", [np.arange(8), np.ones(8, bool), np.ones(8, np.complex64),
+                               jnp.arange(8, dtype=jnp.int8)])
+def test_non_float_input_is_type_error(x):
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        jq.quantize(x)
+
+
+def test_nonfinite_concrete_input_names_count_and_place():
+    x = np.ones((4, 8), np.float32)
+    x[1, 2] = np.nan
+    x[3, 7] = np.inf
+    with pytest.raises(ValueError, match=r"2 non-finite value\(s\).*\(1, 2\), \(3, 7\)"):
+        jq.quantize(x)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(block_size=0), "block_size must be a positive int"),
+    (dict(block_size=-64), "block_size must be a positive int"),
+    (dict(block_size=2.5), "block_size must be a positive int"),
+    (dict(qtype="int2"), "valid qtypes are"),
+    (dict(axis=2), r"axis must be None or an int in \[-2, 2\)"),
+    (dict(axis=-3), r"axis must be None or an int"),
+    (dict(qtype="nf4", zero_point=True), "zero_point=True needs an integer qtype"),
+    (dict(nested_block_size=0, double_quant=True), "nested_block_size must be a positive int"),
+])
+def test_bad_config_is_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        jq.quantize(np.ones((4, 64), np.float32), **kwargs)
+
+
+@pytest.mark.parametrize("shape,axis", [((0,), None), ((0, 8), 1), ((3, 0), 1), ((3, 0), 0)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_empty_arrays_round_trip(shape, axis, double_quant):
+    x = np.zeros(shape, np.float32)
+    q = jq.quantize(x, "nf4", 64, axis=axis, double_quant=double_quant)
+    y = jq.dequantize(q)
+    assert y.shape == shape and jq.nbytes(q) >= 0
+
+
+def test_validate_rejects_altered_leaves(rng):
+    q = jq.quantize(rng.standard_normal((64, 32)).astype(np.float32), "nf4", 32, axis=0,
+                    double_quant=True)
+    bad = [
+        dataclasses.replace(q, codes=q.codes[:, :-1]),
+        dataclasses.replace(q, codes=q.codes.astype(jnp.int8)),
+        dataclasses.replace(q, scale=dataclasses.replace(q.scale, codes=q.scale.codes[:-1])),
+        dataclasses.replace(q, scale=jnp.ones((3,), jnp.float32)),
+        dataclasses.replace(q, zero_point=jnp.zeros((32, 2), jnp.int8)),
+        dataclasses.replace(q, shape=(64, 33)),
+        dataclasses.replace(q, block_size=0),
+    ]
+    for b in bad:
+        with pytest.raises(ValueError, match="inconsistent QArray"):
+            jq.dequantize(b)
+    with pytest.raises(ValueError, match="unknown qtype"):
+        jq.validate(dataclasses.replace(q, qtype="nf5"))
+    with pytest.raises(TypeError, match="expected a jaxquant.QArray"):
+        jq.dequantize(np.ones(3))
