@@ -249,7 +249,9 @@ def _dequantize(q: QArray, dtype) -> jax.Array:
     else:
         out = blocks * scale
     if q.offset is not None:
-        out = out + q.offset
+        # bitsandbytes rounds the product before adding the offset; the barrier stops XLA from
+        # contracting the two into one fused multiply-add (a different last bit).
+        out = jax.lax.optimization_barrier(out) + q.offset
     rows = out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])[..., :length]
     return _from_rows(rows, q.shape, q.axis).astype(dtype)
 
