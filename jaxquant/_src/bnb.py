@@ -105,7 +105,7 @@ def from_bnb(d: dict, prefix: str = "weight", *, transpose: bool = False) -> QAr
     if weight.size != -(-n // 2):
         raise ValueError(f"from_bnb: {prefix!r} holds {weight.size} bytes, but shape {list(shape)} "
                          f"in {key!r} needs {-(-n // 2)}")
-    nested = "nested_absmax" in state or f"{prefix}.nested_absmax" in d
+    nested = "nested_offset" in state or f"{prefix}.nested_absmax" in d
     absmax = _entry(d, f"{prefix}.absmax", np.uint8 if nested else np.float32).reshape(-1)
     if absmax.size != nb:
         raise ValueError(f"from_bnb: {prefix}.absmax has {absmax.size} entries, shape {list(shape)} "
