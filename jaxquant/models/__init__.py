@@ -1,0 +1,1 @@
+"""Real models jaxquant ships loaders for (integration code, not the array core)."""
