@@ -83,6 +83,30 @@ class QType:
         return ((s[:-1] + s[1:]) / np.float32(2)).astype(np.float32)
 
     @functools.cached_property
+    def cell_lookup(self) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """A uniform grid over [-1, 1] in which each cell holds at most one midpoint.
+
+        Returns ``(cells, cell_midpoint, cell_code)``: for a scaled value ``s``, the cell is
+        ``j = floor((s + 1) * cells / 2 + 0.5)`` (``cells + 1`` of them, shifted by half a cell so
+        that no midpoint sits on an edge) and the code is ``cell_code[2 * j + (s > cell_midpoint[j])]``.
+        Every midpoint is at least 1% of a cell from an edge, so float rounding of ``j`` (a few
+        ulps) never moves ``s`` across a midpoint: the result equals the midpoint count exactly.
+        None for tables whose midpoints are too close for 4096 cells.
+        """
+        mids = self.midpoints.astype(np.float64)
+        for cells in (128, 256, 512, 1024, 2048, 4096):
+            pos = (mids + 1) * (cells / 2) + 0.5
+            cell = np.floor(pos).astype(int)
+            if np.bincount(cell).max() > 1 or np.min(np.abs(pos - np.round(pos))) < 0.01:
+                continue
+            cell_mid = np.full(cells + 1, 2.0, np.float32)  # 2.0: no midpoint in the cell
+            cell_mid[cell] = self.midpoints
+            below = np.array([np.sum(mids < (j - 0.5) / (cells / 2) - 1) for j in range(cells + 1)])
+            counts = np.stack([below, below + 1], -1).clip(0, len(mids)).reshape(-1)
+            return cells, cell_mid, self.sorted_order[counts].astype(np.uint8)
+        return None
+
+    @functools.cached_property
     def zero_code(self) -> int:
         """The raw code of 0.0: fills the odd last nibble and codes all-zero blocks."""
         return int(np.flatnonzero(self.values == 0)[0])
