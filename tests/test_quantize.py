@@ -222,3 +222,20 @@ def test_validate_rejects_altered_leaves(rng):
         jq.validate(dataclasses.replace(q, qtype="nf5"))
     with pytest.raises(TypeError, match="expected a jaxquant.QArray"):
         jq.dequantize(np.ones(3))
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "fp4"])
+def test_gpu_cell_lookup_gives_the_same_codes_as_compares(qtype):
+    """The GPU path (a table over a uniform grid) against the CPU path (midpoint compares), on
+    random values and on every midpoint and cell edge +-64 ulps."""
+    from jaxquant._src.quantize import _code_by_cells, _code_by_sum
+    qt = codebooks.QTYPES[qtype]
+    cells = qt.cell_lookup[0]
+    edges = ((np.arange(cells + 2) - 0.5) / (cells / 2) - 1).astype(np.float32)
+    probes = [np.random.default_rng(0).uniform(-1, 1, 200_000).astype(np.float32),
+              np.array([-1, 1, 0, -0.0], np.float32)]
+    for p in np.concatenate([qt.midpoints, edges]):
+        ulp = np.spacing(np.float32(max(abs(p), 1e-30)))
+        probes.append(p + np.arange(-64, 65, dtype=np.float32) * ulp)
+    s = jnp.asarray(np.clip(np.concatenate(probes), -1, 1).astype(np.float32))
+    np.testing.assert_array_equal(_code_by_cells(s, qt), _code_by_sum(s, qt))
