@@ -1,0 +1,118 @@
+"""``qmatmul``: ``x @ dequantize(q)`` with an XLA reference path and Pallas kernels.
+
+``q`` is a weight ``W[K, N]`` quantized along its contraction axis (``quantize(W, axis=0)``), so
+its blocks run along K and its codes are stored ``(N, K/2)``: each output column's weights are one
+contiguous row. The XLA path (dequantize, then ``lax.dot_general`` with float32 accumulation) is
+the reference on every backend and the fallback for whatever a kernel does not handle.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant._src.qarray import QArray, validate
+from jaxquant._src.quantize import _dequantize
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+_COMPUTE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def _check(x, q: QArray, implementation: str, compute_dtype) -> np.dtype:
+    validate(q)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if q.ndim != 2 or q.axis != 0:
+        raise ValueError(f"qmatmul needs a 2-D weight W[K, N] quantized along its contraction axis "
+                         f"(quantize(W, axis=0)), got {q!r}")
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"qmatmul needs a float x, got dtype={dtype}")
+    if x.ndim < 1 or x.shape[-1] != q.shape[0]:
+        raise ValueError(f"x's last dimension must equal W's K, got x.shape={tuple(x.shape)} and "
+                         f"W.shape={q.shape}")
+    compute = np.dtype(jnp.bfloat16 if compute_dtype is None else compute_dtype)
+    if compute not in [np.dtype(d) for d in _COMPUTE_DTYPES]:
+        raise TypeError(f"compute_dtype must be bfloat16, float16 or float32, got {compute}")
+    return compute
+
+
+def qmatmul_xla(x: jax.Array, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Array:
+    """The reference: dequantize W to ``compute_dtype``, then a dot with float32 accumulation."""
+    w = _dequantize(q, np.dtype(compute_dtype))
+    y = jax.lax.dot_general(x.astype(compute_dtype), w, (((x.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _zero_cotangent(q: QArray) -> QArray:
+    """No gradient for the frozen codes and constants (float0 for the integer leaves)."""
+    def zero(leaf):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        return np.zeros(leaf.shape, jax.dtypes.float0)
+    return jax.tree.map(zero, q)
+
+
+def _forward(x, q, implementation, interpret, compute_dtype):
+    if implementation == "xla":
+        return qmatmul_xla(x, q, compute_dtype)
+    from jaxquant._src.kernels import dispatch
+    return dispatch.qmatmul_kernel(x, q, implementation=implementation, interpret=interpret,
+                                   compute_dtype=compute_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _qmatmul(x, q, implementation, interpret, compute_dtype):
+    return _forward(x, q, implementation, interpret, compute_dtype)
+
+
+def _qmatmul_fwd(x, q, implementation, interpret, compute_dtype):
+    return _forward(x, q, implementation, interpret, compute_dtype), q
+
+
+def _qmatmul_bwd(implementation, interpret, compute_dtype, q, g):
+    # dL/dx = g @ W^T, through the XLA path: the weights are dequantized once in compute dtype.
+    w = _dequantize(q, np.dtype(compute_dtype))
+    gx = jax.lax.dot_general(g.astype(compute_dtype), w, (((g.ndim - 1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    return gx.astype(g.dtype), _zero_cotangent(q)
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+def qmatmul(x, q: QArray, *, implementation: str = "auto", interpret: bool = False,
+            compute_dtype=None) -> jax.Array:
+    """``x @ dequantize(q)`` for ``q = quantize(W, axis=0)``, W of shape ``[K, N]``.
+
+    Args:
+      x: float array ``[..., K]``.
+      q: the quantized weight (any qtype; absmax, affine or double-quantized constants).
+      implementation: ``"xla"`` (dequantize then dot; every backend), ``"pallas"`` (the kernel;
+        ``NotImplementedError`` where it does not apply) or ``"auto"`` (the kernel where it is
+        supported, else XLA).
+      interpret: run the Pallas kernel in interpret mode (how the kernel is tested on CPU).
+      compute_dtype: dtype of the matmul operands (bfloat16 by default; float16 or float32);
+        accumulation is always float32. The output has x's dtype.
+
+    Differentiable in ``x`` (for LoRA on a frozen base); the codes and constants get zeros.
+
+    Raises:
+      ValueError: x's last dim is not K, q is not a 2-D weight quantized along axis 0, unknown
+        implementation. TypeError: non-float x or an unsupported compute dtype.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxquant as jq
+      >>> w = jax.random.normal(jax.random.key(0), (256, 128))
+      >>> q = jq.quantize(w, "nf4", 64, axis=0, double_quant=True)
+      >>> jq.qmatmul(jnp.ones((3, 256)), q).shape
+      (3, 128)
+    """
+    if not isinstance(x, jax.Array):
+        x = jnp.asarray(x)
+    compute = _check(x, q, implementation, compute_dtype)
+    return _qmatmul(x, q, implementation, interpret, compute)
