@@ -1,11 +1,169 @@
-"""Placeholder until the Hopper kernel lands: no kernel applies, so auto falls back to XLA."""
+"""Fused dequantize-matmul for Hopper (sm90) on the Pallas Mosaic GPU backend.
+
+Terms: W[K, N] is stored as codes ``(N, K/2)`` (two 4-bit codes per byte, even k in the high
+nibble) with one constant per *block* of ``block_size`` consecutive k. A *tile* is what one
+warpgroup computes: 64 output features (the wgmma M side) by ``m_pad`` tokens (the wgmma N side),
+so small batches (decode) do not waste the 64-row side of the tensor core on padding. A *step*
+is ``tile_k`` elements of K streamed through shared memory by ``emit_pipeline``.
+
+Since a dot product does not care about the order of k, the kernel never interleaves nibbles:
+``out^T = hi(W^T) @ x_even^T + lo(W^T) @ x_odd^T``, with x split into its even and odd columns
+once in XLA (x is small next to W). Codes are decoded in registers (16-way select), multiplied by
+their block's constant, cast to bf16/fp16 and fed to ``wgmma`` as the register operand.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 
-def can_use(x, q, compute_dtype) -> bool:
-    return False
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxquant._src import codebooks
+from jaxquant._src.qarray import QArray
+from jaxquant._src.quantize import _constants
+
+TILE_N = 64  # output features per warpgroup: the wgmma M dimension
 
 
-def qmatmul(x, q, *, compute_dtype, interpret=False):
-    raise NotImplementedError("the Mosaic GPU qmatmul kernel is not built yet; use implementation='xla'")
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    tile_k: int = 256  # elements of K per pipeline step (128 code bytes per row)
+    max_concurrent_steps: int = 4
+
+
+def _pad_tokens(m: int) -> int:
+    return max(16, -(-m // 16) * 16)
+
+
+def can_use(x, q: QArray, compute_dtype) -> bool:
+    """Whether the kernel handles these inputs on this backend (else callers fall back to XLA)."""
+    try:
+        _check_supported(x, q, compute_dtype)
+    except NotImplementedError:
+        return False
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+
+
+def _check_supported(x, q: QArray, compute_dtype, block_sizes: BlockSizes = BlockSizes()):
+    k, n = q.shape
+    m = int(np.prod(x.shape[:-1]))
+    why = None
+    if q.qtype not in ("nf4", "fp4", "int4") or q.zero_point is not None:
+        why = f"qtype {q.qtype!r} (zero_point={q.zero_point is not None})"
+    elif np.dtype(compute_dtype) not in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
+        why = f"compute dtype {np.dtype(compute_dtype)}"
+    elif q.block_size % 32 or block_sizes.tile_k % q.block_size and q.block_size % block_sizes.tile_k:
+        why = f"block_size {q.block_size}"
+    elif k % block_sizes.tile_k or n % TILE_N:
+        why = f"shape K={k}, N={n} (needs K % {block_sizes.tile_k} == 0 and N % {TILE_N} == 0)"
+    elif m > 256:
+        why = f"{m} tokens (the small-batch kernel takes up to 256)"
+    if why:
+        raise NotImplementedError(f"qmatmul_mgpu does not handle {why}")
+
+
+def _decode(codes: jax.Array, values: np.ndarray) -> jax.Array:
+    """4-bit codes -> float32 table values, by a select tree on the code's bits."""
+    level = [jnp.float32(v) for v in values]
+    for bit in range(4):
+        set_ = (codes & (1 << bit)) != 0
+        level = [jnp.where(set_, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return level[0]
+
+
+def _kernel(codes_gmem, scales_gmem, xe_gmem, xo_gmem, out_gmem, *, k, m_pad, block_size,
+            values, compute_dtype, bs: BlockSizes):
+    ni = lax.axis_index("n")
+    tile_kb = bs.tile_k // 2  # code bytes (and x rows of each parity) per step
+    sub = min(block_size, bs.tile_k) // 2  # bytes per scale group within a step
+    scale_rows = max(1, bs.tile_k // block_size)
+
+    def step(_, codes_smem, scales_smem, xe_smem, xo_smem, acc_ref, a_hi, a_lo):
+        for j in range(tile_kb // sub):
+            c = codes_smem[:, pl.ds(j * sub, sub)]
+            s = plgpu.load(scales_smem.at[(j * sub * 2) // block_size % scale_rows], (),
+                           layout=plgpu.Layout.WGMMA.reduce(1))
+            s = lax.broadcast_in_dim(s, (TILE_N, sub), [0])
+            # The decoded tile goes through shared memory: wgmma reads A from there (the GPU
+            # interpreter, which CI runs, only models that form).
+            a_hi[...] = (_decode(c >> 4, values) * s).astype(compute_dtype)
+            a_lo[...] = (_decode(c & 0xF, values) * s).astype(compute_dtype)
+            plgpu.commit_smem()
+            plgpu.wgmma(acc_ref, a_hi, xe_smem.at[pl.ds(j * sub, sub)])
+            plgpu.wgmma(acc_ref, a_lo, xo_smem.at[pl.ds(j * sub, sub)])
+            plgpu.wgmma_wait(0)  # before the next sub-tile overwrites a_hi / a_lo
+        return acc_ref
+
+    x_swizzle = plgpu.find_swizzle(m_pad * 16, "rhs")
+    x_transforms = (plgpu.TilingTransform((8, x_swizzle // 2)), plgpu.SwizzleTransform(x_swizzle))
+    # index maps return block indices: a step holds scale_rows rows of constants, or (blocks
+    # longer than a step) one row shared by block_size / tile_k steps
+    scale_k = lambda kk: (kk if block_size <= bs.tile_k else kk * bs.tile_k // block_size, ni)
+
+    a_swizzle = plgpu.find_swizzle(sub * 16, "lhs")
+    a_type = plgpu.SMEM((TILE_N, sub), compute_dtype, transforms=(
+        plgpu.TilingTransform((8, a_swizzle // 2)), plgpu.SwizzleTransform(a_swizzle)))
+
+    def scope(a_hi, a_lo):
+        return pl.run_scoped(functools.partial(acc_scope, a_hi=a_hi, a_lo=a_lo),
+                             plgpu.ACC((TILE_N, m_pad)))
+
+    def acc_scope(acc_ref, a_hi, a_lo):
+        plgpu.emit_pipeline(
+            lambda idx, *refs: step(idx, *refs, acc_ref, a_hi, a_lo),
+            grid=(k // bs.tile_k,),
+            in_specs=[
+                plgpu.BlockSpec((TILE_N, tile_kb), lambda kk: (ni, kk)),
+                plgpu.BlockSpec((scale_rows, TILE_N), scale_k),
+                plgpu.BlockSpec((tile_kb, m_pad), lambda kk: (kk, 0), transforms=x_transforms),
+                plgpu.BlockSpec((tile_kb, m_pad), lambda kk: (kk, 0), transforms=x_transforms),
+            ],
+            max_concurrent_steps=bs.max_concurrent_steps,
+        )(codes_gmem, scales_gmem, xe_gmem, xo_gmem)
+        return acc_ref[...]
+
+    acc = pl.run_scoped(scope, a_type, a_type)
+
+    @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((TILE_N, m_pad), jnp.float32))
+    def _store(out_smem):
+        out_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[pl.ds(ni * TILE_N, TILE_N)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("compute_dtype", "interpret", "block_sizes"))
+def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=False,
+            block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
+    """``x @ dequantize(q)`` through the kernel; NotImplementedError for what it does not handle."""
+    _check_supported(x, q, compute_dtype, block_sizes)
+    k, n = q.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).astype(compute_dtype)
+    m = x2.shape[0]
+    m_pad = _pad_tokens(m)
+    x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
+    xe, xo = x2[:, 0::2].T, x2[:, 1::2].T  # (K/2, m_pad) each
+    scales = _constants(q).T  # (K/bs, N) float32
+    kernel = functools.partial(
+        _kernel, k=k, m_pad=m_pad, block_size=q.block_size,
+        values=codebooks.QTYPES[q.qtype].values, compute_dtype=np.dtype(compute_dtype),
+        bs=block_sizes)
+    call = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((n, m_pad), jnp.float32), grid=(n // TILE_N,),
+        grid_names=("n",), interpret=plgpu.InterpretGPUParams() if interpret else None)
+    out_t = call(q.codes, scales, xe, xo)
+    return out_t[:, :m].T.reshape(*lead, n).astype(x.dtype)
+
+
+def reference(x, q, compute_dtype=jnp.bfloat16):
+    """What the kernel computes: the XLA path."""
+    from jaxquant._src.matmul import qmatmul_xla
+    return qmatmul_xla(x, q, compute_dtype)
