@@ -24,7 +24,7 @@ import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
-TOKENS = [1, 16, 128]
+TOKENS = [1, 16, 32]
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 

@@ -37,6 +37,9 @@ class BlockSizes:
     max_concurrent_steps: int = 4
 
 
+MAX_TOKENS = 32  # m_pad 16 or 32: A's 32-element sub-tiles cover a 32 or 64 B swizzle
+
+
 def _pad_tokens(m: int) -> int:
     return max(16, -(-m // 16) * 16)
 
@@ -59,12 +62,12 @@ def _check_supported(x, q: QArray, compute_dtype, block_sizes: BlockSizes = Bloc
         why = f"qtype {q.qtype!r} (zero_point={q.zero_point is not None})"
     elif np.dtype(compute_dtype) not in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
         why = f"compute dtype {np.dtype(compute_dtype)}"
-    elif q.block_size % 32 or block_sizes.tile_k % q.block_size and q.block_size % block_sizes.tile_k:
-        why = f"block_size {q.block_size}"
+    elif q.block_size % 64 or block_sizes.tile_k % q.block_size and q.block_size % block_sizes.tile_k:
+        why = f"block_size {q.block_size} (needs a multiple of 64)"
     elif k % block_sizes.tile_k or n % TILE_N:
         why = f"shape K={k}, N={n} (needs K % {block_sizes.tile_k} == 0 and N % {TILE_N} == 0)"
-    elif m > 256:
-        why = f"{m} tokens (the small-batch kernel takes up to 256)"
+    elif m > MAX_TOKENS:
+        why = f"{m} tokens (the small-batch kernel takes up to {MAX_TOKENS})"
     if why:
         raise NotImplementedError(f"qmatmul_mgpu does not handle {why}")
 
@@ -87,7 +90,7 @@ def _kernel(codes_gmem, scales_gmem, xe_gmem, xo_gmem, out_gmem, *, k, m_pad, bl
 
     def step(_, codes_smem, scales_smem, xe_smem, xo_smem, acc_ref, a_hi, a_lo):
         for j in range(tile_kb // sub):
-            c = codes_smem[:, pl.ds(j * sub, sub)]
+            c = codes_smem[:, pl.ds(j * sub, sub)].astype(jnp.int32)  # no 8-bit arithmetic in regs
             s = plgpu.load(scales_smem.at[(j * sub * 2) // block_size % scale_rows], (),
                            layout=plgpu.Layout.WGMMA.reduce(1))
             s = lax.broadcast_in_dim(s, (TILE_N, sub), [0])
@@ -107,7 +110,7 @@ def _kernel(codes_gmem, scales_gmem, xe_gmem, xo_gmem, out_gmem, *, k, m_pad, bl
     # longer than a step) one row shared by block_size / tile_k steps
     scale_k = lambda kk: (kk if block_size <= bs.tile_k else kk * bs.tile_k // block_size, ni)
 
-    a_swizzle = plgpu.find_swizzle(sub * 16, "lhs")
+    a_swizzle = x_swizzle  # wgmma needs both operands in the same swizzle
     a_type = plgpu.SMEM((TILE_N, sub), compute_dtype, transforms=(
         plgpu.TilingTransform((8, a_swizzle // 2)), plgpu.SwizzleTransform(a_swizzle)))
 
