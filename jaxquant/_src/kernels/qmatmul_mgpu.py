@@ -35,6 +35,22 @@ TILE_N = 64  # output features per warpgroup: the wgmma M dimension
 class BlockSizes:
     tile_k: int = 256  # elements of K per pipeline step (128 code bytes per row)
     max_concurrent_steps: int = 4
+    k_splits: int | None = None  # split-K: CTAs per output tile; None picks enough to fill the GPU
+    target_ctas: int = 528  # 4 per SM on a 132-SM H100
+
+
+def _k_splits(k: int, n: int, bs: BlockSizes) -> int:
+    """How many ways to split K so that (N/64) x splits CTAs fill the GPU, >= 2 steps each."""
+    if bs.k_splits:
+        return bs.k_splits
+    steps, tiles = k // bs.tile_k, n // TILE_N
+    best = 1
+    for s in range(1, steps // 2 + 1):
+        if steps % s == 0 and tiles * s <= 2 * bs.target_ctas:
+            best = s
+            if tiles * s >= bs.target_ctas:
+                break
+    return best
 
 
 MAX_TOKENS = 32  # m_pad 16 or 32: A's 32-element sub-tiles cover a 32 or 64 B swizzle
@@ -82,8 +98,11 @@ def _decode(codes: jax.Array, values: np.ndarray) -> jax.Array:
 
 
 def _kernel(codes_gmem, scales_gmem, xe_gmem, xo_gmem, out_gmem, *, k, m_pad, block_size,
-            values, compute_dtype, bs: BlockSizes):
+            values, compute_dtype, bs: BlockSizes, splits: int):
     ni = lax.axis_index("n")
+    si = lax.axis_index("s")
+    steps = k // bs.tile_k // splits  # pipeline steps of this CTA's share of K
+    first = si * steps
     tile_kb = bs.tile_k // 2  # code bytes (and x rows of each parity) per step
     sub = min(block_size, bs.tile_k) // 2  # bytes per scale group within a step
     scale_rows = max(1, bs.tile_k // block_size)
@@ -95,23 +114,27 @@ def _kernel(codes_gmem, scales_gmem, xe_gmem, xo_gmem, out_gmem, *, k, m_pad, bl
                            layout=plgpu.Layout.WGMMA.reduce(1))
             s = lax.broadcast_in_dim(s, (TILE_N, sub), [0])
             # The decoded tile goes through shared memory: wgmma reads A from there (the GPU
-            # interpreter, which CI runs, only models that form).
-            a_hi[...] = (_decode(c >> 4, values) * s).astype(compute_dtype)
-            a_lo[...] = (_decode(c & 0xF, values) * s).astype(compute_dtype)
+            # interpreter, which CI runs, only models that form). Two buffers, so the decode of
+            # sub-tile j overlaps the wgmma of j - 1.
+            slot = j % 2
+            a_hi[slot] = (_decode(c >> 4, values) * s).astype(compute_dtype)
+            a_lo[slot] = (_decode(c & 0xF, values) * s).astype(compute_dtype)
             plgpu.commit_smem()
-            plgpu.wgmma(acc_ref, a_hi, xe_smem.at[pl.ds(j * sub, sub)])
-            plgpu.wgmma(acc_ref, a_lo, xo_smem.at[pl.ds(j * sub, sub)])
-            plgpu.wgmma_wait(0)  # before the next sub-tile overwrites a_hi / a_lo
+            plgpu.wgmma(acc_ref, a_hi.at[slot], xe_smem.at[pl.ds(j * sub, sub)])
+            plgpu.wgmma(acc_ref, a_lo.at[slot], xo_smem.at[pl.ds(j * sub, sub)])
+            plgpu.wgmma_wait(2)  # the pair of sub-tile j - 1 is done: its slot can be rewritten
+        plgpu.wgmma_wait(0)  # the pipeline reuses this step's buffers after we return
         return acc_ref
 
     x_swizzle = plgpu.find_swizzle(m_pad * 16, "rhs")
     x_transforms = (plgpu.TilingTransform((8, x_swizzle // 2)), plgpu.SwizzleTransform(x_swizzle))
     # index maps return block indices: a step holds scale_rows rows of constants, or (blocks
     # longer than a step) one row shared by block_size / tile_k steps
-    scale_k = lambda kk: (kk if block_size <= bs.tile_k else kk * bs.tile_k // block_size, ni)
+    scale_k = lambda kk: ((first + kk) if block_size <= bs.tile_k else
+                          (first + kk) * bs.tile_k // block_size, ni)
 
     a_swizzle = x_swizzle  # wgmma needs both operands in the same swizzle
-    a_type = plgpu.SMEM((TILE_N, sub), compute_dtype, transforms=(
+    a_type = plgpu.SMEM((2, TILE_N, sub), compute_dtype, transforms=(
         plgpu.TilingTransform((8, a_swizzle // 2)), plgpu.SwizzleTransform(a_swizzle)))
 
     def scope(a_hi, a_lo):
@@ -121,12 +144,12 @@ def _kernel(codes_gmem, scales_gmem, xe_gmem, xo_gmem, out_gmem, *, k, m_pad, bl
     def acc_scope(acc_ref, a_hi, a_lo):
         plgpu.emit_pipeline(
             lambda idx, *refs: step(idx, *refs, acc_ref, a_hi, a_lo),
-            grid=(k // bs.tile_k,),
+            grid=(steps,),
             in_specs=[
-                plgpu.BlockSpec((TILE_N, tile_kb), lambda kk: (ni, kk)),
+                plgpu.BlockSpec((TILE_N, tile_kb), lambda kk: (ni, first + kk)),
                 plgpu.BlockSpec((scale_rows, TILE_N), scale_k),
-                plgpu.BlockSpec((tile_kb, m_pad), lambda kk: (kk, 0), transforms=x_transforms),
-                plgpu.BlockSpec((tile_kb, m_pad), lambda kk: (kk, 0), transforms=x_transforms),
+                plgpu.BlockSpec((tile_kb, m_pad), lambda kk: (first + kk, 0), transforms=x_transforms),
+                plgpu.BlockSpec((tile_kb, m_pad), lambda kk: (first + kk, 0), transforms=x_transforms),
             ],
             max_concurrent_steps=bs.max_concurrent_steps,
         )(codes_gmem, scales_gmem, xe_gmem, xo_gmem)
@@ -138,7 +161,7 @@ def _kernel(codes_gmem, scales_gmem, xe_gmem, xo_gmem, out_gmem, *, k, m_pad, bl
     def _store(out_smem):
         out_smem[...] = acc
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[pl.ds(ni * TILE_N, TILE_N)])
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, pl.ds(ni * TILE_N, TILE_N)])
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -155,14 +178,16 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
     xe, xo = x2[:, 0::2].T, x2[:, 1::2].T  # (K/2, m_pad) each
     scales = _constants(q).T  # (K/bs, N) float32
+    splits = _k_splits(k, n, block_sizes)
     kernel = functools.partial(
         _kernel, k=k, m_pad=m_pad, block_size=q.block_size,
         values=codebooks.QTYPES[q.qtype].values, compute_dtype=np.dtype(compute_dtype),
-        bs=block_sizes)
+        bs=block_sizes, splits=splits)
     call = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((n, m_pad), jnp.float32), grid=(n // TILE_N,),
-        grid_names=("n",), interpret=plgpu.InterpretGPUParams() if interpret else None)
-    out_t = call(q.codes, scales, xe, xo)
+        kernel, out_type=jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32),
+        grid=(n // TILE_N, splits), grid_names=("n", "s"),
+        interpret=plgpu.InterpretGPUParams() if interpret else None)
+    out_t = call(q.codes, scales, xe, xo).sum(0)  # split-K partial sums
     return out_t[:, :m].T.reshape(*lead, n).astype(x.dtype)
 
 
