@@ -37,6 +37,9 @@ class BlockSizes:
     max_concurrent_steps: int = 4
     k_splits: int | None = None  # split-K: CTAs per output tile; None picks enough to fill the GPU
     target_ctas: int = 528  # 4 per SM on a 132-SM H100
+    # float32: decode and scale in f32, round once (bit-identical to the XLA path); the compute
+    # dtype: table values and scales rounded first (fewer instructions, within bf16 tolerance).
+    decode_in_compute_dtype: bool = False
 
 
 def _k_splits(k: int, n: int, bs: BlockSizes) -> int:
@@ -88,9 +91,9 @@ def _check_supported(x, q: QArray, compute_dtype, block_sizes: BlockSizes = Bloc
         raise NotImplementedError(f"qmatmul_mgpu does not handle {why}")
 
 
-def _decode(codes: jax.Array, values: np.ndarray) -> jax.Array:
-    """4-bit codes -> float32 table values, by a select tree on the code's bits."""
-    level = [jnp.float32(v) for v in values]
+def _decode(codes: jax.Array, values: np.ndarray, dtype=jnp.float32) -> jax.Array:
+    """4-bit codes -> table values in ``dtype``, by a select tree on the code's bits."""
+    level = [jnp.asarray(v, dtype) for v in values]
     for bit in range(4):
         set_ = (codes & (1 << bit)) != 0
         level = [jnp.where(set_, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
@@ -103,6 +106,7 @@ def _kernel(codes_gmem, scales_gmem, xe_gmem, xo_gmem, out_gmem, *, k, m_pad, bl
     si = lax.axis_index("s")
     steps = k // bs.tile_k // splits  # pipeline steps of this CTA's share of K
     first = si * steps
+    decode_dtype = compute_dtype if bs.decode_in_compute_dtype else jnp.float32
     tile_kb = bs.tile_k // 2  # code bytes (and x rows of each parity) per step
     sub = min(block_size, bs.tile_k) // 2  # bytes per scale group within a step
     scale_rows = max(1, bs.tile_k // block_size)
@@ -112,13 +116,13 @@ def _kernel(codes_gmem, scales_gmem, xe_gmem, xo_gmem, out_gmem, *, k, m_pad, bl
             c = codes_smem[:, pl.ds(j * sub, sub)].astype(jnp.int32)  # no 8-bit arithmetic in regs
             s = plgpu.load(scales_smem.at[(j * sub * 2) // block_size % scale_rows], (),
                            layout=plgpu.Layout.WGMMA.reduce(1))
-            s = lax.broadcast_in_dim(s, (TILE_N, sub), [0])
+            s = lax.broadcast_in_dim(s.astype(decode_dtype), (TILE_N, sub), [0])
             # The decoded tile goes through shared memory: wgmma reads A from there (the GPU
             # interpreter, which CI runs, only models that form). Two buffers, so the decode of
             # sub-tile j overlaps the wgmma of j - 1.
             slot = j % 2
-            a_hi[slot] = (_decode(c >> 4, values) * s).astype(compute_dtype)
-            a_lo[slot] = (_decode(c & 0xF, values) * s).astype(compute_dtype)
+            a_hi[slot] = (_decode(c >> 4, values, decode_dtype) * s).astype(compute_dtype)
+            a_lo[slot] = (_decode(c & 0xF, values, decode_dtype) * s).astype(compute_dtype)
             plgpu.commit_smem()
             plgpu.wgmma(acc_ref, a_hi.at[slot], xe_smem.at[pl.ds(j * sub, sub)])
             plgpu.wgmma(acc_ref, a_lo.at[slot], xo_smem.at[pl.ds(j * sub, sub)])
