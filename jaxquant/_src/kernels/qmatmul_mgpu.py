@@ -114,7 +114,7 @@ def _kernel(codes_gmem, scales_gmem, xe_gmem, xo_gmem, out_gmem, *, k, m_pad, bl
     def step(_, codes_smem, scales_smem, xe_smem, xo_smem, acc_ref, a_hi, a_lo):
         for j in range(tile_kb // sub):
             c = codes_smem[:, pl.ds(j * sub, sub)].astype(jnp.int32)  # no 8-bit arithmetic in regs
-            s = plgpu.load(scales_smem.at[(j * sub * 2) // block_size % scale_rows], (),
+            s = plgpu.load(scales_smem.at[(j * sub * 2) // block_size % scale_rows],
                            layout=plgpu.Layout.WGMMA.reduce(1))
             s = lax.broadcast_in_dim(s.astype(decode_dtype), (TILE_N, sub), [0])
             # The decoded tile goes through shared memory: wgmma reads A from there (the GPU

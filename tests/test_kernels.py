@@ -1,0 +1,104 @@
+"""The Mosaic GPU qmatmul kernel, run by the Pallas GPU interpreter on CPU, against the XLA path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant as jq
+from jaxquant._src.kernels import qmatmul_mgpu as K
+
+
+def make(rng, k, n, qtype="nf4", dq=True, heavy=False, bs=64):
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+    if heavy:
+        w *= np.where(rng.random((k, n)) < 0.01, 25.0, 1.0).astype(np.float32)
+    return jq.quantize(jnp.asarray(w, jnp.bfloat16), qtype, bs, axis=0, double_quant=dq)
+
+
+def close(out, ref, k):
+    """bf16 outputs: half an ulp of rounding each, and f32 sums in another order (~sqrt(K))."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=scale * (2**-8 + 1e-6 * np.sqrt(k)), rtol=0)
+
+
+@pytest.mark.parametrize("lead,k,n,qtype,dq,heavy", [
+    ((1,), 512, 64, "nf4", True, False),
+    ((3,), 256, 128, "nf4", False, True),
+    ((17,), 768, 64, "fp4", True, True),
+    ((2, 5), 512, 192, "int4", False, False),
+    ((32,), 256, 64, "nf4", True, False),
+])
+def test_kernel_matches_xla_path(lead, k, n, qtype, dq, heavy, rng):
+    q = make(rng, k, n, qtype, dq, heavy)
+    x = jnp.asarray(rng.standard_normal((*lead, k)), jnp.bfloat16)
+    out = jq.qmatmul(x, q, implementation="pallas", interpret=True)
+    assert out.shape == (*lead, n) and out.dtype == jnp.bfloat16
+    close(out, jq.qmatmul(x, q, implementation="xla"), k)
+
+
+def test_split_k_and_block_128(rng):
+    q = make(rng, 1024, 64, bs=128)
+    x = jnp.asarray(rng.standard_normal((5, 1024)), jnp.bfloat16)
+    ref = jq.qmatmul(x, q, implementation="xla")
+    for splits in (2, 4):
+        out = K.qmatmul(x, q, interpret=True, block_sizes=K.BlockSizes(k_splits=splits))
+        close(out, ref, 1024)
+
+
+def test_decode_in_compute_dtype_is_within_bf16_tolerance(rng):
+    q = make(rng, 512, 64)
+    x = jnp.asarray(rng.standard_normal((4, 512)), jnp.bfloat16)
+    out = K.qmatmul(x, q, interpret=True, block_sizes=K.BlockSizes(decode_in_compute_dtype=True))
+    ref = np.asarray(jq.qmatmul(x, q, implementation="xla"), np.float64)
+    rel = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+    assert rel < 1e-2
+
+
+@pytest.mark.parametrize("case", ["130 tokens", "N=100", "K=320", "block 32", "affine", "int8", "f32"])
+def test_unsupported_inputs_raise_for_pallas_and_fall_back_for_auto(case, rng):
+    k, n, m, kwargs, dtype = 512, 64, 4, {}, jnp.bfloat16
+    if case == "130 tokens":
+        m = 130
+    elif case == "N=100":
+        n = 100
+    elif case == "K=320":
+        k = 320
+    elif case == "block 32":
+        kwargs = dict(bs=32)
+    q = {"affine": lambda: jq.quantize(rng.standard_normal((k, n)).astype(np.float32), "int4", 64,
+                                        axis=0, zero_point=True),
+         "int8": lambda: jq.quantize(rng.standard_normal((k, n)).astype(np.float32), "int8", 64, axis=0),
+         }.get(case, lambda: make(rng, k, n, **kwargs))()
+    compute = jnp.float32 if case == "f32" else None
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    with pytest.raises(NotImplementedError, match="qmatmul_mgpu does not handle"):
+        jq.qmatmul(x, q, implementation="pallas", interpret=True, compute_dtype=compute)
+    auto = jq.qmatmul(x, q, implementation="auto", interpret=True, compute_dtype=compute)
+    np.testing.assert_array_equal(auto, jq.qmatmul(x, q, implementation="xla", compute_dtype=compute))
+
+
+def test_gradient_through_the_kernel_path(rng):
+    q = make(rng, 256, 64)
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    loss = lambda impl: lambda x: jnp.sum(
+        jq.qmatmul(x, q, implementation=impl, interpret=True).astype(jnp.float32) ** 2)
+    g_kernel = jax.grad(loss("pallas"))(x)
+    g_xla = jax.grad(loss("xla"))(x)
+    close(g_kernel, g_xla, 256)
+
+
+def test_kernel_is_not_used_off_hopper(rng):
+    q = make(rng, 256, 64)
+    assert not K.can_use(jnp.ones((1, 256), jnp.bfloat16), q, jnp.bfloat16)  # CPU here
+
+
+@pytest.mark.parametrize("m,qtype,dq", [(1, "nf4", True), (16, "fp4", False), (32, "int4", False)])
+def test_kernel_lowers_for_hopper(m, qtype, dq, rng):
+    """Compile-time checks of the real Mosaic GPU lowering (layout inference, swizzles) on CPU:
+    the interpreter does not run them, and an H100 run found the first failure here."""
+    q = make(rng, 1024, 128, qtype, dq)
+    x = jnp.asarray(rng.standard_normal((m, 1024)), jnp.bfloat16)
+    lowered = jax.jit(lambda x, q: K.qmatmul(x, q)).trace(x, q).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
