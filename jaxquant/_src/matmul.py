@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant._src.qarray import QArray, validate
-from jaxquant._src.quantize import _dequantize
+from jaxquant._src.quantize import _dequantize_rows
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 _COMPUTE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -41,9 +41,13 @@ def _check(x, q: QArray, implementation: str, compute_dtype) -> np.dtype:
 
 
 def qmatmul_xla(x: jax.Array, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Array:
-    """The reference: dequantize W to ``compute_dtype``, then a dot with float32 accumulation."""
-    w = _dequantize(q, np.dtype(compute_dtype))
-    y = jax.lax.dot_general(x.astype(compute_dtype), w, (((x.ndim - 1,), (0,)), ((), ())),
+    """The reference: dequantize W to ``compute_dtype``, then a dot with float32 accumulation.
+
+    W is dequantized in its stored layout ``W^T (N, K)`` and contracted on its K axis: the same
+    numbers as ``x @ dequantize(q)``, without transposing the dequantized weight in memory.
+    """
+    w_t = _dequantize_rows(q, np.dtype(compute_dtype))
+    y = jax.lax.dot_general(x.astype(compute_dtype), w_t, (((x.ndim - 1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
 
@@ -76,8 +80,8 @@ def _qmatmul_fwd(x, q, implementation, interpret, compute_dtype):
 
 def _qmatmul_bwd(implementation, interpret, compute_dtype, q, g):
     # dL/dx = g @ W^T, through the XLA path: the weights are dequantized once in compute dtype.
-    w = _dequantize(q, np.dtype(compute_dtype))
-    gx = jax.lax.dot_general(g.astype(compute_dtype), w, (((g.ndim - 1,), (1,)), ((), ())),
+    w_t = _dequantize_rows(q, np.dtype(compute_dtype))  # (N, K)
+    gx = jax.lax.dot_general(g.astype(compute_dtype), w_t, (((g.ndim - 1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
     return gx.astype(g.dtype), _zero_cotangent(q)
 

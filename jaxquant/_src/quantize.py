@@ -273,8 +273,8 @@ def _constants(q: QArray) -> jax.Array:
     return _dequantize(q.scale, np.dtype(np.float32)) if isinstance(q.scale, QArray) else q.scale
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _dequantize(q: QArray, dtype) -> jax.Array:
+def _dequantize_rows(q: QArray, dtype) -> jax.Array:
+    """Dequantize to the blocked layout ``(*rest, L)`` (``moveaxis(x, axis, -1)``), unmoved."""
     qt = codebooks.get_qtype(q.qtype)
     _, length = blocked_shape(q.shape, q.axis)
     raw = _unpack_rows(q.codes, length) if qt.bits == 4 else q.codes
@@ -289,8 +289,12 @@ def _dequantize(q: QArray, dtype) -> jax.Array:
         # bitsandbytes rounds the product before adding the offset; the barrier stops XLA from
         # contracting the two into one fused multiply-add (a different last bit).
         out = jax.lax.optimization_barrier(out) + q.offset
-    rows = out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])[..., :length]
-    return _from_rows(rows, q.shape, q.axis).astype(dtype)
+    return out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])[..., :length].astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize(q: QArray, dtype) -> jax.Array:
+    return _from_rows(_dequantize_rows(q, dtype), q.shape, q.axis)
 
 
 def dequantize(q: QArray, dtype=None) -> jax.Array:
