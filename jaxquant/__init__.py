@@ -8,20 +8,37 @@ from jaxquant._src.matmul import qmatmul
 from jaxquant._src.memory import bits_per_param, memory_table, nbytes, num_params
 from jaxquant._src.qarray import QArray, validate
 from jaxquant._src.quantize import QuantConfig, dequantize, quantize, unpack_codes
+from jaxquant._src.tree import (Policy, PolicyError, Rule, dequantize_tree, format_report,
+                                memory_report, quantize_tree)
 
 __all__ = [
+    "Policy",
+    "PolicyError",
     "QTYPES",
     "QArray",
     "QuantConfig",
     "bits_per_param",
     "dequantize",
+    "dequantize_tree",
+    "format_report",
     "from_bnb",
+    "memory_report",
     "memory_table",
     "nbytes",
     "num_params",
     "qmatmul",
     "quantize",
+    "quantize_tree",
+    "Rule",
     "to_bnb",
     "unpack_codes",
     "validate",
 ]
+
+
+def __getattr__(name):
+    # jaxquant.flax imports Flax: loaded on first use, so the array core stays Flax-free.
+    if name == "flax":
+        import importlib
+        return importlib.import_module("jaxquant.flax")
+    raise AttributeError(f"module 'jaxquant' has no attribute {name!r}")

@@ -46,6 +46,9 @@ def qmatmul_xla(x: jax.Array, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Arra
     W is dequantized in its stored layout ``W^T (N, K)`` and contracted on its K axis: the same
     numbers as ``x @ dequantize(q)``, without transposing the dequantized weight in memory.
     """
+    # Tie the weight to x: XLA may not hoist every layer's dequantize to the top of a model
+    # (that would hold all weights in full precision at once, measured in tests/test_flax.py).
+    x, q = jax.lax.optimization_barrier((x, q))
     w_t = _dequantize_rows(q, np.dtype(compute_dtype))
     y = jax.lax.dot_general(x.astype(compute_dtype), w_t, (((x.ndim - 1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)

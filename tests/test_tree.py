@@ -1,0 +1,89 @@
+import warnings
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant as jq
+
+
+def tree(rng):
+    return {"params": {
+        "dense": {"kernel": jnp.asarray(rng.standard_normal((256, 128)), jnp.float32),
+                  "bias": jnp.zeros((128,), jnp.float32)},
+        "attn": {"kernel": jnp.asarray(rng.standard_normal((128, 4, 32)), jnp.float32)},
+        "embed": {"embedding": jnp.asarray(rng.standard_normal((512, 128)), jnp.float32)},
+        "norm": {"scale": jnp.ones((128,), jnp.float32)},
+        "small": {"kernel": jnp.ones((8, 8), jnp.float32)},
+    }}
+
+
+def test_default_policy_quantizes_kernels_only(rng):
+    params = tree(rng)
+    q = jq.quantize_tree(params)
+    p = q["params"]
+    assert isinstance(p["dense"]["kernel"], jq.QArray) and p["dense"]["kernel"].axis == 0
+    assert isinstance(p["attn"]["kernel"], jq.QArray) and p["attn"]["kernel"].double_quant
+    for kept in (p["dense"]["bias"], p["embed"]["embedding"], p["norm"]["scale"], p["small"]["kernel"]):
+        assert not isinstance(kept, jq.QArray)
+    back = jq.dequantize_tree(q)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    err = jnp.abs(back["params"]["dense"]["kernel"] - params["params"]["dense"]["kernel"]).mean()
+    assert 0 < float(err) < 0.1
+
+
+def test_rules_first_match_wins_and_frozendict(rng):
+    params = flax.core.freeze(tree(rng))
+    policy = jq.Policy(rules=(jq.Rule("attn", qtype=None), jq.Rule(r"embedding$", "int8", 128, axis=1,
+                                                                   double_quant=False),
+                              jq.Rule(r"kernel$", "fp4", 32)), min_size=1000)
+    q = jq.quantize_tree(params, policy)
+    assert not isinstance(q["params"]["attn"]["kernel"], jq.QArray)
+    assert q["params"]["embed"]["embedding"].qtype == "int8"
+    assert q["params"]["dense"]["kernel"].qtype == "fp4" and q["params"]["dense"]["kernel"].block_size == 32
+
+
+def test_predicate_escape_hatch(rng):
+    policy = jq.Policy(predicate=lambda path, leaf: "dense" not in path)
+    q = jq.quantize_tree(tree(rng), policy)
+    assert not isinstance(q["params"]["dense"]["kernel"], jq.QArray)
+    assert isinstance(q["params"]["attn"]["kernel"], jq.QArray)
+
+
+def test_abstract_tree_plans_memory_without_allocating(rng):
+    abstract = jax.eval_shape(lambda: tree(rng))
+    q = jq.quantize_tree(abstract)
+    assert isinstance(q["params"]["dense"]["kernel"].codes, jax.ShapeDtypeStruct)
+    assert jq.nbytes(q) == jq.nbytes(jq.quantize_tree(tree(rng)))
+
+
+def test_rule_matching_nothing_warns_or_raises(rng):
+    policy = jq.Policy(rules=(jq.Rule(r"kernel$"), jq.Rule("no_such_layer")))
+    with pytest.warns(UserWarning, match="'no_such_layer' matches no parameter"):
+        jq.quantize_tree(tree(rng), policy)
+    with pytest.raises(jq.PolicyError, match="no_such_layer"):
+        jq.quantize_tree(tree(rng), jq.Policy(rules=policy.rules, strict=True))
+
+
+def test_unquantizable_params_name_path_and_reason(rng):
+    with pytest.raises(jq.PolicyError, match=r"params/dense/kernel.*not a multiple of block_size 96"):
+        jq.quantize_tree(tree(rng), jq.Policy(rules=(jq.Rule(r"dense/kernel$", block_size=96),)))
+    ints = {"w": jnp.ones((64, 128), jnp.int32)}
+    with pytest.raises(jq.PolicyError, match=r"'w'.*not floating"):
+        jq.quantize_tree(ints, jq.Policy(rules=(jq.Rule("w"),), min_size=1))
+    with pytest.raises(jq.PolicyError, match=r"params/dense/kernel.*axis"):
+        jq.quantize_tree(tree(rng), jq.Policy(rules=(jq.Rule(r"dense/kernel$", axis=3),)))
+
+
+def test_memory_report_rows_and_totals(rng):
+    params = tree(rng)
+    q = jq.quantize_tree(params)
+    rows = jq.memory_report(params, q, with_error=True)
+    by_path = {r["path"]: r for r in rows}
+    dense = by_path["params/dense/kernel"]
+    assert dense["bytes_before"] == 256 * 128 * 4 and abs(dense["bits_per_param"] - 4.13) < 0.01
+    assert 0.05 < dense["rel_rms_error"] < 0.15 and "rel_rms_error" not in by_path["params/norm/scale"]
+    text = jq.format_report(rows)
+    assert "total" in text.splitlines()[-1] and "params/dense/kernel" in text
