@@ -4,14 +4,17 @@ __version__ = "0.1.0"
 
 from jaxquant._src.bnb import from_bnb, to_bnb
 from jaxquant._src.codebooks import QTYPES
+from jaxquant._src.io import CheckpointError, load, save
 from jaxquant._src.matmul import qmatmul
 from jaxquant._src.memory import bits_per_param, memory_table, nbytes, num_params
 from jaxquant._src.qarray import QArray, validate
 from jaxquant._src.quantize import QuantConfig, dequantize, quantize, unpack_codes
+from jaxquant._src.sharding import qarray_sharding
 from jaxquant._src.tree import (Policy, PolicyError, Rule, dequantize_tree, format_report,
                                 memory_report, quantize_tree)
 
 __all__ = [
+    "CheckpointError",
     "Policy",
     "PolicyError",
     "QTYPES",
@@ -21,14 +24,17 @@ __all__ = [
     "dequantize",
     "dequantize_tree",
     "format_report",
+    "load",
     "from_bnb",
     "memory_report",
     "memory_table",
     "nbytes",
     "num_params",
+    "qarray_sharding",
     "qmatmul",
     "quantize",
     "quantize_tree",
+    "save",
     "Rule",
     "to_bnb",
     "unpack_codes",
