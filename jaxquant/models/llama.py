@@ -1,0 +1,133 @@
+"""A Flax Linen Llama-architecture decoder (SmolLM2-135M's), for real-model experiments.
+
+Plain Linen layers (``nn.Dense``, ``nn.Embed``), so ``jaxquant.flax.apply`` runs it quantized
+without edits. RMSNorm in float32, RoPE in the rotate-half layout, grouped-query attention,
+SwiGLU MLP, tied input/output embedding. ``tokenizer`` builds SmolLM2's byte-level BPE from the
+GGUF's vocab and merges.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.models.smollm2 import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale * y.astype(x.dtype)).astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotate-half RoPE on ``x[..., seq, heads, head_dim]``."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (np.arange(0, half, dtype=np.float32) * 2 / x.shape[-1]))
+    freqs = positions[..., :, None].astype(jnp.float32) * inv_freq  # (..., seq, half)
+    cos = jnp.concatenate([jnp.cos(freqs)] * 2, -1)[..., :, None, :]
+    sin = jnp.concatenate([jnp.sin(freqs)] * 2, -1)[..., :, None, :]
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions):
+        c = self.config
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
+        b, s, _ = x.shape
+        q = dense(c.heads * c.head_dim, "q_proj")(x).reshape(b, s, c.heads, c.head_dim)
+        k = dense(c.kv_heads * c.head_dim, "k_proj")(x).reshape(b, s, c.kv_heads, c.head_dim)
+        v = dense(c.kv_heads * c.head_dim, "v_proj")(x).reshape(b, s, c.kv_heads, c.head_dim)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        groups = c.heads // c.kv_heads
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(c.head_dim)
+        causal = jnp.tril(jnp.ones((s, s), bool))
+        logits = jnp.where(causal[None, None], logits, -1e30)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, c.heads * c.head_dim)
+        return dense(c.hidden, "o_proj")(out)
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
+        return dense(self.config.hidden, "down_proj")(
+            jax.nn.silu(dense(self.config.ffn, "gate_proj")(x)) * dense(self.config.ffn, "up_proj")(x))
+
+
+class Block(nn.Module):
+    config: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions):
+        c = self.config
+        x = x + Attention(c, self.dtype, name="self_attn")(RMSNorm(c.rms_eps, name="input_layernorm")(x), positions)
+        return x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_eps, name="post_attention_layernorm")(x))
+
+
+class Llama(nn.Module):
+    """``Llama(config)(tokens) -> logits`` (float32), tokens ``(batch, seq)``."""
+
+    config: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        c = self.config
+        embed = nn.Embed(c.vocab_size, c.hidden, dtype=self.dtype, name="embed_tokens")
+        x = embed(tokens)
+        positions = jnp.arange(tokens.shape[-1])[None]
+        for i in range(c.layers):
+            x = Block(c, self.dtype, name=f"layers_{i}")(x, positions)
+        x = RMSNorm(c.rms_eps, name="norm")(x)
+        return embed.attend(x).astype(jnp.float32)
+
+
+def params_from_weights(weights: dict[str, np.ndarray]) -> dict:
+    """``smollm2.load``'s flat weights -> this model's Linen param tree."""
+    params = {"embed_tokens": {"embedding": weights["embed_tokens"]}, "norm": {"scale": weights["norm"]}}
+    for name, w in weights.items():
+        if not name.startswith("layers."):
+            continue
+        _, i, *rest = name.split(".")
+        node = params.setdefault(f"layers_{i}", {})
+        for part in rest[:-1]:
+            node = node.setdefault(part, {})
+        node[rest[-1]] = {"kernel" if w.ndim == 2 else "scale": w}
+    return {"params": jax.tree.map(jnp.asarray, params)}
+
+
+def tokenizer(path=None):
+    """SmolLM2's byte-level BPE (llama.cpp's 'smollm' pre-tokenizer: digits split, GPT-2 regex)."""
+    import gguf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from jaxquant.models.smollm2 import gguf_path
+
+    reader = gguf.GGUFReader(path or gguf_path())
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
