@@ -122,7 +122,11 @@ def fetch(cache: str | pathlib.Path | None = None) -> pathlib.Path:
     if not shutil.which("apt-get"):
         raise RuntimeError(f"fetching Austen's novels needs apt-get ({PACKAGE}); pass a text file instead")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", PACKAGE], cwd=tmp, check=True, capture_output=True)
+        download = ["apt-get", "download", PACKAGE]
+        if subprocess.run(download, cwd=tmp, capture_output=True).returncode:
+            # a fresh machine may have no package lists yet
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            subprocess.run(download, cwd=tmp, check=True, capture_output=True)
         deb = next(pathlib.Path(tmp).glob("*.deb"))
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run(["dpkg-deb", "-x", str(deb), str(cache)], check=True)

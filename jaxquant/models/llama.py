@@ -24,6 +24,7 @@ class RMSNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        scale = scale.reshape((1,) * (x.ndim - 1) + (-1,))
         return (scale * y.astype(x.dtype)).astype(x.dtype)
 
 
@@ -31,7 +32,8 @@ def rope(x, positions, theta: float):
     """Rotate-half RoPE on ``x[..., seq, heads, head_dim]``."""
     half = x.shape[-1] // 2
     inv_freq = 1.0 / (theta ** (np.arange(0, half, dtype=np.float32) * 2 / x.shape[-1]))
-    freqs = positions[..., :, None].astype(jnp.float32) * inv_freq  # (..., seq, half)
+    freqs = positions[..., :, None].astype(jnp.float32) * inv_freq.reshape(
+        (1,) * positions.ndim + (-1,))  # (..., seq, half)
     cos = jnp.concatenate([jnp.cos(freqs)] * 2, -1)[..., :, None, :]
     sin = jnp.concatenate([jnp.sin(freqs)] * 2, -1)[..., :, None, :]
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
