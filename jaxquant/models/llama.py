@@ -45,7 +45,9 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, cache=None):
+        """``cache=(k, v)`` of shape (batch, max_len, kv_heads, head_dim): the new keys and values
+        are written at ``positions`` and attention runs over the whole cache (causally)."""
         c = self.config
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
         b, s, _ = x.shape
@@ -53,14 +55,22 @@ class Attention(nn.Module):
         k = dense(c.kv_heads * c.head_dim, "k_proj")(x).reshape(b, s, c.kv_heads, c.head_dim)
         v = dense(c.kv_heads * c.head_dim, "v_proj")(x).reshape(b, s, c.kv_heads, c.head_dim)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        key_positions = positions
+        if cache is not None:
+            start = positions[0, 0]
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, start, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, start, 0, 0))
+            cache = (k, v)
+            key_positions = jnp.arange(k.shape[1])[None]
         groups = c.heads // c.kv_heads
-        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(c.head_dim)
-        causal = jnp.tril(jnp.ones((s, s), bool))
-        logits = jnp.where(causal[None, None], logits, -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, c.heads * c.head_dim)
-        return dense(c.hidden, "o_proj")(out)
+        kk, vv = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, kk.astype(q.dtype)).astype(jnp.float32)
+        logits = logits / np.sqrt(c.head_dim)
+        causal = key_positions[:, None, :] <= positions[:, :, None]  # (1, q, k)
+        logits = jnp.where(causal[:, None], logits, -1e30)
+        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, vv.astype(x.dtype)).reshape(b, s, c.heads * c.head_dim)
+        return dense(c.hidden, "o_proj")(out), cache
 
 
 class MLP(nn.Module):
@@ -79,28 +89,63 @@ class Block(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, cache=None):
         c = self.config
-        x = x + Attention(c, self.dtype, name="self_attn")(RMSNorm(c.rms_eps, name="input_layernorm")(x), positions)
-        return x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_eps, name="post_attention_layernorm")(x))
+        h, cache = Attention(c, self.dtype, name="self_attn")(
+            RMSNorm(c.rms_eps, name="input_layernorm")(x), positions, cache)
+        x = x + h
+        return x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_eps, name="post_attention_layernorm")(x)), cache
 
 
 class Llama(nn.Module):
-    """``Llama(config)(tokens) -> logits`` (float32), tokens ``(batch, seq)``."""
+    """``Llama(config)(tokens) -> logits`` (float32), tokens ``(batch, seq)``.
+
+    With ``cache`` (from ``init_cache``) and ``start`` (the position of ``tokens[:, 0]``), returns
+    ``(logits, cache)``: the KV cache for incremental decoding.
+    """
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, cache=None, start=0):
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden, dtype=self.dtype, name="embed_tokens")
         x = embed(tokens)
-        positions = jnp.arange(tokens.shape[-1])[None]
+        positions = start + jnp.arange(tokens.shape[-1])[None]
+        new_cache = []
         for i in range(c.layers):
-            x = Block(c, self.dtype, name=f"layers_{i}")(x, positions)
-        x = RMSNorm(c.rms_eps, name="norm")(x)
-        return embed.attend(x).astype(jnp.float32)
+            x, layer_cache = Block(c, self.dtype, name=f"layers_{i}")(
+                x, positions, None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        logits = embed.attend(RMSNorm(c.rms_eps, name="norm")(x)).astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32):
+    shape = (batch, max_len, config.kv_heads, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.layers)]
+
+
+def generate(apply_fn, params, prompt, steps: int, config: LlamaConfig, dtype=jnp.float32):
+    """Greedy decoding: ``apply_fn(params, tokens, cache, start) -> (logits, cache)``.
+
+    The prompt fills the cache in one call; then one token per step in a ``lax.scan``. Jit it with
+    ``steps`` static. Returns the ``steps`` new tokens ``(batch, steps)``.
+    """
+    batch, length = prompt.shape
+    cache = init_cache(config, batch, length + steps, dtype)
+    logits, cache = apply_fn(params, prompt, cache, 0)
+    first = jnp.argmax(logits[:, -1], -1)
+
+    def step(carry, i):
+        token, cache = carry
+        logits, cache = apply_fn(params, token[:, None], cache, length + i)
+        nxt = jnp.argmax(logits[:, -1], -1)
+        return (nxt, cache), token
+
+    (_, _), tokens = jax.lax.scan(step, (first, cache), jnp.arange(steps))
+    return tokens.T
 
 
 def params_from_weights(weights: dict[str, np.ndarray]) -> dict:
