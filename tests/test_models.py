@@ -52,3 +52,28 @@ def test_two_real_layers_quantized_match_dequantized(pride, tokenizer):
     # next-token distribution only a little
     agree = float(jnp.mean(jnp.argmax(out, -1) == jnp.argmax(full, -1)))
     assert agree > 0.8, agree
+
+
+def test_kv_cache_generation_matches_full_forward(tokenizer):
+    import functools
+    config, weights = smollm2.load(num_layers=2)
+    params = llama.params_from_weights(weights)
+    model = llama.Llama(config)
+    prompt = jnp.asarray(tokenizer.encode("It is a truth universally acknowledged").ids)[None]
+    for tree, fn in [(params, lambda p, t, c, s: model.apply(p, t, c, s)),
+                     (jq.quantize_tree(params), lambda p, t, c, s: jq.flax.apply(model, p, t, c, s, check=False))]:
+        out = jax.jit(functools.partial(llama.generate, fn, steps=6, config=config))(tree, prompt)
+        full = jnp.concatenate([prompt, out], 1)
+        logits = fn(tree, full, llama.init_cache(config, 1, full.shape[1]), 0)[0]
+        np.testing.assert_array_equal(jnp.argmax(logits[0, prompt.shape[1] - 1:-1], -1), out[0])
+
+
+def test_minilm_reproduces_sentence_similarity_and_survives_nf4():
+    from jaxquant.models import minilm
+    params, model = minilm.load_params(), minilm.MiniLM()
+    ids, mask = minilm.tokenize(["A man is eating food.", "A man is eating a piece of bread."])
+    e = model.apply(params, ids, mask)
+    assert abs(float(e[0] @ e[1]) - 0.755) < 0.001  # sentence-transformers' value
+    q = jq.quantize_tree(params, jq.Policy(min_size=1))  # every linear: NF4 + double quant
+    eq = jq.flax.apply(model, q, ids, mask)
+    assert min(float(eq[i] @ e[i]) for i in range(2)) > 0.95
