@@ -28,16 +28,6 @@ TEXTS = {"prideprejudice": 8192, "emma": 4096}
 REFERENCE = {"prideprejudice": 22.21, "emma": 27.32}
 
 
-def perplexity(forward, params, ids, window=1024):
-    total, count = 0.0, 0
-    for start in range(0, len(ids) - window + 1, window):
-        w = jnp.asarray(ids[start:start + window])
-        logp = jax.nn.log_softmax(forward(params, w[None])[0, :-1], -1)
-        total += float(-jnp.take_along_axis(logp, w[1:, None], -1).sum())
-        count += window - 1
-    return float(np.exp(total / count))
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dtypes", default="nf4+dq,nf4,fp4,int4,int8")
@@ -52,7 +42,7 @@ def main():
     float_fwd = jax.jit(lambda p, t: model.apply(p, t))
     start = time.perf_counter()
     rows.append(dict(dtype="float32", bits_per_param=32.0,
-                     **{k: perplexity(float_fwd, params, v) for k, v in ids.items()},
+                     **{k: llama.perplexity(float_fwd, params, v) for k, v in ids.items()},
                      seconds=time.perf_counter() - start))
     print(rows[-1], flush=True)
     quant_fwd = jax.jit(lambda q, t: jq.flax.apply(model, q, t, check=False))
@@ -63,7 +53,7 @@ def main():
         start = time.perf_counter()
         q = jq.quantize_tree(params, policy)
         rows.append(dict(dtype=v.name, bits_per_param=jq.bits_per_param(q),
-                         **{k: perplexity(quant_fwd, q, t) for k, t in ids.items()},
+                         **{k: llama.perplexity(quant_fwd, q, t) for k, t in ids.items()},
                          seconds=time.perf_counter() - start))
         print(rows[-1], flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

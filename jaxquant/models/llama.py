@@ -178,3 +178,15 @@ def tokenizer(path=None):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
     return tok
+
+
+def perplexity(forward, params, ids, window: int = 1024) -> float:
+    """exp(mean NLL) over non-overlapping ``window``-token windows, every position predicted
+    (no BOS); ``forward(params, tokens[1, window]) -> logits``."""
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - window + 1, window):
+        w = jnp.asarray(ids[start:start + window])
+        logp = jax.nn.log_softmax(forward(params, w[None])[0, :-1], -1)
+        total += float(-jnp.take_along_axis(logp, w[1:, None], -1).sum())
+        count += window - 1
+    return float(np.exp(total / count))

