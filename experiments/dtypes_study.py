@@ -48,26 +48,28 @@ def weight_sets():
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--ppl-tokens", type=int, default=4096)
+    p.add_argument("--ppl-tokens", type=int, default=4096,
+                   help="tokens to score (a few thousand on CPU, tens of thousands on a GPU)")
+    p.add_argument("--text", metavar="FILE", help="score this UTF-8 text instead of Austen's Persuasion "
+                   "(fetched from the Debian package r-cran-janeaustenr with apt-get)")
     args = p.parse_args()
     errors = []
     for set_name, (weights, axes) in weight_sets().items():
+        params = sum(w.size for w in weights.values())
         for block in BLOCKS:
-            usable = {k: a for k, a in axes.items() if weights[k].shape[a] % block == 0}
-            if not usable:
-                continue
-            sub = {k: weights[k] for k in usable}
-            rows = quantize_weights(sub, [Variant.parse(d) for d in DTYPES], block, usable, progress=False)
+            # every matrix at every block size: where the input axis (576 in SmolLM2) is not a
+            # multiple of the block, its last block is partial and has its own constant
+            rows = quantize_weights(weights, [Variant.parse(d) for d in DTYPES], block, axes, progress=False)
             for r in rows:
-                params = sum(w.size for w in sub.values())
-                errors.append(dict(weights=set_name, block=block, dtype=r["dtype"], matrices=len(sub),
+                errors.append(dict(weights=set_name, block=block, dtype=r["dtype"], matrices=len(weights),
                                    bits_per_param=8 * r["bytes"] / params, rel_mse=r["rel_rms_error"] ** 2,
                                    sqnr_db=r["sqnr_db"]))
             print(set_name, block, {r["dtype"]: round(r["sqnr_db"], 2) for r in rows}, flush=True)
 
     config, weights = smollm2.load()
     params = llama.params_from_weights(weights)
-    ids = llama.tokenizer().encode(austen.novel("persuasion")).ids[:args.ppl_tokens]
+    text = pathlib.Path(args.text).read_text(encoding="utf-8") if args.text else austen.novel("persuasion")
+    ids = llama.tokenizer().encode(text).ids[:args.ppl_tokens]
     model = llama.Llama(config)
     ppl = [dict(dtype="float32", block=None, perplexity=llama.perplexity(jax.jit(model.apply), params, ids))]
     qfwd = jax.jit(lambda q, t: jq.flax.apply(model, q, t, check=False))
@@ -84,7 +86,8 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     OUT.mkdir(exist_ok=True)
     (OUT / "dtypes_study.json").write_text(json.dumps(dict(
-        device=jax.devices()[0].device_kind, jax=jax.__version__, commit=commit, text="persuasion",
+        device=jax.devices()[0].device_kind, jax=jax.__version__, commit=commit,
+        text=args.text or "persuasion",
         ppl_tokens=len(ids), errors=errors, perplexity=ppl), indent=2))
 
     sets = list(dict.fromkeys(e["weights"] for e in errors))

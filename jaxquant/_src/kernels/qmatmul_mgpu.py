@@ -40,6 +40,9 @@ class BlockSizes:
     # float32: decode and scale in f32, round once (bit-identical to the XLA path); the compute
     # dtype: table values and scales rounded first (fewer instructions, within bf16 tolerance).
     decode_in_compute_dtype: bool = False
+    # Feed the decoded tile to wgmma from registers (no shared-memory round trip). GPU only: the
+    # Pallas GPU interpreter models wgmma with A in shared memory alone.
+    a_in_registers: bool = False
 
 
 def _k_splits(k: int, n: int, bs: BlockSizes) -> int:
@@ -120,9 +123,15 @@ def _kernel(codes_gmem, scales_gmem, xe_gmem, xo_gmem, out_gmem, *, k, m_pad, bl
             # The decoded tile goes through shared memory: wgmma reads A from there (the GPU
             # interpreter, which CI runs, only models that form). Two buffers, so the decode of
             # sub-tile j overlaps the wgmma of j - 1.
+            hi = (_decode(c >> 4, values, decode_dtype) * s).astype(compute_dtype)
+            lo = (_decode(c & 0xF, values, decode_dtype) * s).astype(compute_dtype)
+            if bs.a_in_registers:
+                plgpu.wgmma(acc_ref, hi, xe_smem.at[pl.ds(j * sub, sub)])
+                plgpu.wgmma(acc_ref, lo, xo_smem.at[pl.ds(j * sub, sub)])
+                continue
             slot = j % 2
-            a_hi[slot] = (_decode(c >> 4, values, decode_dtype) * s).astype(compute_dtype)
-            a_lo[slot] = (_decode(c & 0xF, values, decode_dtype) * s).astype(compute_dtype)
+            a_hi[slot] = hi
+            a_lo[slot] = lo
             plgpu.commit_smem()
             plgpu.wgmma(acc_ref, a_hi.at[slot], xe_smem.at[pl.ds(j * sub, sub)])
             plgpu.wgmma(acc_ref, a_lo.at[slot], xo_smem.at[pl.ds(j * sub, sub)])
