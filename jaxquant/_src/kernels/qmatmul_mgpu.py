@@ -168,7 +168,10 @@ def _kernel(codes_gmem, scales_gmem, xe_gmem, xo_gmem, out_gmem, *, k, m_pad, bl
         )(codes_gmem, scales_gmem, xe_gmem, xo_gmem)
         return acc_ref[...]
 
-    acc = pl.run_scoped(scope, a_type, a_type)
+    if bs.a_in_registers:  # no A scratch: less shared memory, more CTAs per SM
+        acc = pl.run_scoped(functools.partial(acc_scope, a_hi=None, a_lo=None), plgpu.ACC((TILE_N, m_pad)))
+    else:
+        acc = pl.run_scoped(scope, a_type, a_type)
 
     @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((TILE_N, m_pad), jnp.float32))
     def _store(out_smem):
