@@ -46,13 +46,49 @@ def weight_sets():
     }
 
 
+def plot(errors, ppl, n_tokens):
+    ids = range(n_tokens)
+    sets = list(dict.fromkeys(e["weights"] for e in errors))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), sharey=False)
+    for ax, s in zip(axes, sets):
+        for d in DTYPES:
+            pts = sorted((e["bits_per_param"], e["rel_mse"], e["block"]) for e in errors
+                         if e["weights"] == s and e["dtype"] == d)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=d, ms=3)
+            if d == "nf4":
+                for b, m, blk in pts:
+                    ax.annotate(str(blk), (b, m), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_title(s, fontsize=10)
+        ax.set_xlabel("bits per parameter (smaller blocks: more constants)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("relative MSE of the weights")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "dtypes_error_vs_bits.png", dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [p["dtype"] + ("" if p["block"] in (None, 64) else f" (block {p['block']})") for p in ppl]
+    ax.bar(labels, [p["perplexity"] for p in ppl], color=["gray"] + ["C0"] * (len(ppl) - 1))
+    for i, p in enumerate(ppl):
+        ax.text(i, p["perplexity"] + 0.3, f"{p['perplexity']:.2f}", ha="center", fontsize=8)
+    ax.set_ylabel(f"perplexity, Persuasion ({len(ids)} tokens)")
+    ax.set_title("SmolLM2-135M, linear layers quantized (block 64), embedding float", fontsize=10)
+    plt.setp(ax.get_xticklabels(), rotation=20)
+    fig.tight_layout()
+    fig.savefig(OUT / "dtypes_perplexity.png", dpi=110)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ppl-tokens", type=int, default=4096,
                    help="tokens to score (a few thousand on CPU, tens of thousands on a GPU)")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plots from the saved JSON")
     p.add_argument("--text", metavar="FILE", help="score this UTF-8 text instead of Austen's Persuasion "
                    "(fetched from the Debian package r-cran-janeaustenr with apt-get)")
     args = p.parse_args()
+    if args.plot_only:
+        saved = json.loads((OUT / "dtypes_study.json").read_text())
+        return plot(saved["errors"], saved["perplexity"], saved["ppl_tokens"])
     errors = []
     for set_name, (weights, axes) in weight_sets().items():
         params = sum(w.size for w in weights.values())
@@ -90,35 +126,7 @@ def main():
         text=args.text or "persuasion",
         ppl_tokens=len(ids), errors=errors, perplexity=ppl), indent=2))
 
-    sets = list(dict.fromkeys(e["weights"] for e in errors))
-    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), sharey=False)
-    for ax, s in zip(axes, sets):
-        for d in DTYPES:
-            pts = sorted((e["bits_per_param"], e["rel_mse"], e["block"]) for e in errors
-                         if e["weights"] == s and e["dtype"] == d)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=d, ms=3)
-            if d == "nf4":
-                for b, m, blk in pts:
-                    ax.annotate(str(blk), (b, m), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(s, fontsize=10)
-        ax.set_xlabel("bits per parameter (smaller blocks: more constants)")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("relative MSE of the weights")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(OUT / "dtypes_error_vs_bits.png", dpi=110)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [p["dtype"] + ("" if p["block"] in (None, 64) else f" (block {p['block']})") for p in ppl]
-    ax.bar(labels, [p["perplexity"] for p in ppl], color=["gray"] + ["C0"] * (len(ppl) - 1))
-    for i, p in enumerate(ppl):
-        ax.text(i, p["perplexity"] + 0.3, f"{p['perplexity']:.2f}", ha="center", fontsize=8)
-    ax.set_ylabel(f"perplexity, Persuasion ({len(ids)} tokens)")
-    ax.set_title("SmolLM2-135M, linear layers quantized (block 64), embedding float", fontsize=10)
-    plt.setp(ax.get_xticklabels(), rotation=20)
-    fig.tight_layout()
-    fig.savefig(OUT / "dtypes_perplexity.png", dpi=110)
+    plot(errors, ppl, len(ids))
     print("wrote dtypes_study.json, dtypes_error_vs_bits.png, dtypes_perplexity.png")
 
 
