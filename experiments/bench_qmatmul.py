@@ -17,7 +17,6 @@ import statistics
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.mosaic.gpu import profiler
 
 import jaxquant as jq

@@ -18,7 +18,6 @@ import argparse
 import json
 import pathlib
 import subprocess
-import sys
 import time
 
 import jax

@@ -5,12 +5,10 @@ Fresh random weights (normal and heavy-tailed) and inputs per case; relative err
 against the XLA path (both bf16 compute, f32 accumulation), and auto's choice.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxquant as jq
-from jaxquant._src.kernels import qmatmul_mgpu as K
 
 rng = np.random.default_rng(7)
 worst = 0.0

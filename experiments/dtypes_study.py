@@ -16,7 +16,6 @@ import pathlib
 import subprocess
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 

@@ -5,11 +5,9 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.mosaic.gpu import profiler
 
 import jaxquant as jq
-from jaxquant._src import quantize as Q
 
 K, N = 4096, 14336
 xs = [jax.random.normal(jax.random.key(i), (K, N), jnp.bfloat16) for i in range(4)]

@@ -33,8 +33,7 @@ def codes_tree(s):
     """Binary search over the 15 sorted midpoints: 4 compares, thresholds chosen by selects."""
     lo = jnp.zeros(s.shape, jnp.int32)
     for step in (8, 4, 2, 1):
-        # threshold index lo + step - 1 among the midpoints; pick it with a select chain
-        idx = lo + (step - 1)
+        # the threshold is midpoint lo + step - 1; pick it with a select chain over lo's values
         thr = jnp.full(s.shape, MIDS[step - 1], jnp.float32)
         for start in range(step, 16 - step + 1, step):  # lo takes values in multiples of step
             if start + step - 1 < 15:

@@ -17,8 +17,6 @@ import subprocess
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 import jaxquant as jq
 from jaxquant._src.study import Variant

@@ -1,9 +1,7 @@
-import warnings
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jaxquant as jq

@@ -16,8 +16,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax.linen.dtypes import promote_dtype
 
 from jaxquant._src.matmul import qmatmul
 from jaxquant._src.qarray import QArray

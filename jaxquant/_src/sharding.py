@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxquant._src.qarray import QArray

@@ -60,12 +60,12 @@ class _Reader:
         if kind == 2:  # pairlist: (tag, value) pairs
             out = {}
             while kind == 2:
-                attrs = self.item() if has_attr else None
+                if has_attr:
+                    self.item()  # a cell's own attributes: not needed here
                 tag = self.item() if has_tag else None
                 out[tag if tag is not None else len(out)] = self.item()
                 flags = self.int()
                 kind, has_attr, has_tag = flags & 0xFF, flags & (1 << 9), flags & (1 << 10)
-                del attrs
             return out  # the terminating NULL was consumed as `flags`
         if kind == 9:  # CHARSXP
             n = self.int()
