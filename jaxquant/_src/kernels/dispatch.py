@@ -11,9 +11,13 @@ def qmatmul_kernel(x, q, *, implementation: str, interpret: bool, compute_dtype)
     """The Pallas kernel for these inputs; with ``auto``, XLA where no kernel applies."""
     raise_or_fallback = implementation == "pallas"
     try:
-        from jaxquant._src.kernels import qmatmul_mgpu
-        if interpret or qmatmul_mgpu.can_use(x, q, compute_dtype):
-            return qmatmul_mgpu.qmatmul(x, q, compute_dtype=compute_dtype, interpret=interpret)
+        # the TPU kernel on TPUs; elsewhere the Mosaic GPU one (which interpret mode runs on CPU)
+        if jax.default_backend() == "tpu":
+            from jaxquant._src.kernels import qmatmul_tpu as kernel
+        else:
+            from jaxquant._src.kernels import qmatmul_mgpu as kernel
+        if interpret or kernel.can_use(x, q, compute_dtype):
+            return kernel.qmatmul(x, q, compute_dtype=compute_dtype, interpret=interpret)
         raise NotImplementedError(f"no qmatmul kernel for {q!r} with x {x.dtype}{tuple(x.shape)} "
                                   f"on {jax.default_backend()}")
     except NotImplementedError:
