@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant._src.qarray import QArray, validate
-from jaxquant._src.quantize import _dequantize_rows
+from jaxquant._src.quantize import _dequantize_halves, _dequantize_rows
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 _COMPUTE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -48,11 +48,18 @@ def qmatmul_xla(x: jax.Array, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Arra
     """
     # Tie the weight to x: XLA may not hoist every layer's dequantize to the top of a model
     # (that would hold all weights in full precision at once, measured in tests/test_flax.py).
+    out_dtype = x.dtype
     x, q = jax.lax.optimization_barrier((x, q))
-    w_t = _dequantize_rows(q, np.dtype(compute_dtype))
-    y = jax.lax.dot_general(x.astype(compute_dtype), w_t, (((x.ndim - 1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    x = x.astype(compute_dtype)
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    halves = _dequantize_halves(q, np.dtype(compute_dtype))
+    if halves is not None:  # 4-bit: even and odd k separately, no nibble interleave
+        y = (jax.lax.dot_general(x[..., 0::2], halves[0], dims, preferred_element_type=jnp.float32)
+             + jax.lax.dot_general(x[..., 1::2], halves[1], dims, preferred_element_type=jnp.float32))
+    else:
+        w_t = _dequantize_rows(q, np.dtype(compute_dtype))
+        y = jax.lax.dot_general(x, w_t, dims, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype)
 
 
 def _zero_cotangent(q: QArray) -> QArray:

@@ -154,7 +154,10 @@ def _pack_rows(codes: jax.Array, fill: int) -> jax.Array:
 
 def _unpack_rows(packed: jax.Array, length: int) -> jax.Array:
     """uint8 ``(*rest, ceil(L/2))`` -> uint8 codes ``(*rest, L)``."""
-    pairs = jnp.stack([packed >> 4, packed & 0xF], axis=-1)
+    # one broadcast shift, not a stack of two halves: XLA GPU made the stack a concatenate
+    # fusion 3x slower than this elementwise one (139 us for 4096x14336 on an H100)
+    shifts = jnp.asarray([4, 0], jnp.uint8).reshape((1,) * packed.ndim + (2,))
+    pairs = (packed[..., None] >> shifts) & jnp.uint8(0xF)
     return pairs.reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :length]
 
 
@@ -290,6 +293,28 @@ def _dequantize_rows(q: QArray, dtype) -> jax.Array:
         # contracting the two into one fused multiply-add (a different last bit).
         out = jax.lax.optimization_barrier(out) + q.offset
     return out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])[..., :length].astype(dtype)
+
+
+def _dequantize_halves(q: QArray, dtype) -> tuple[jax.Array, jax.Array] | None:
+    """A 4-bit ``q`` as its even-k and odd-k halves ``(*rest, L/2)`` each, never interleaved.
+
+    For matmuls: ``x @ W == x[..., 0::2] @ even + x[..., 1::2] @ odd``, and interleaving the
+    nibbles back costs more than the dot on a GPU. None where blocks are partial or odd.
+    """
+    qt = codebooks.get_qtype(q.qtype)
+    _, length = blocked_shape(q.shape, q.axis)
+    if qt.bits != 4 or length % q.block_size or q.block_size % 2 or q.offset is not None:
+        return None
+    scale = _constants(q)[..., None]
+    zero_point = None if q.zero_point is None else q.zero_point[..., None].astype(jnp.float32)
+
+    def half(raw):
+        v = jnp.asarray(qt.values)[raw.astype(jnp.int32)]
+        v = v.reshape(*v.shape[:-1], scale.shape[-2], q.block_size // 2)
+        out = (v if zero_point is None else v - zero_point) * scale
+        return out.reshape(*out.shape[:-2], length // 2).astype(dtype)
+
+    return half(q.codes >> 4), half(q.codes & 0xF)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
