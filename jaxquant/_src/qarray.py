@@ -78,11 +78,6 @@ class QArray:
         return codebooks.get_qtype(self.qtype).bits
 
     @property
-    def num_blocks(self) -> int:
-        rest, length = blocked_shape(self.shape, self.axis)
-        return math.prod(rest) * -(-length // self.block_size)
-
-    @property
     def double_quant(self) -> bool:
         return isinstance(self.scale, QArray)
 

@@ -281,18 +281,23 @@ def _dequantize_rows(q: QArray, dtype) -> jax.Array:
     qt = codebooks.get_qtype(q.qtype)
     _, length = blocked_shape(q.shape, q.axis)
     raw = _unpack_rows(q.codes, length) if qt.bits == 4 else q.codes
-    values = jnp.asarray(qt.values)[raw.astype(jnp.int32)]
-    blocks = _to_blocks(values, q.block_size)
+    out = _apply_constants(_to_blocks(raw, q.block_size), q)
+    return out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])[..., :length].astype(dtype)
+
+
+def _apply_constants(raw: jax.Array, q: QArray) -> jax.Array:
+    """Raw codes ``(*rest, nb, per_block)`` -> float32 values: table, zero point, scale, offset."""
+    values = jnp.asarray(codebooks.get_qtype(q.qtype).values)[raw.astype(jnp.int32)]
     scale = _constants(q)[..., None]
     if q.zero_point is not None:
-        out = (blocks - q.zero_point[..., None].astype(jnp.float32)) * scale
+        out = (values - q.zero_point[..., None].astype(jnp.float32)) * scale
     else:
-        out = blocks * scale
+        out = values * scale
     if q.offset is not None:
         # bitsandbytes rounds the product before adding the offset; the barrier stops XLA from
         # contracting the two into one fused multiply-add (a different last bit).
         out = jax.lax.optimization_barrier(out) + q.offset
-    return out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])[..., :length].astype(dtype)
+    return out
 
 
 def _dequantize_halves(q: QArray, dtype) -> tuple[jax.Array, jax.Array] | None:
@@ -301,17 +306,13 @@ def _dequantize_halves(q: QArray, dtype) -> tuple[jax.Array, jax.Array] | None:
     For matmuls: ``x @ W == x[..., 0::2] @ even + x[..., 1::2] @ odd``, and interleaving the
     nibbles back costs more than the dot on a GPU. None where blocks are partial or odd.
     """
-    qt = codebooks.get_qtype(q.qtype)
     _, length = blocked_shape(q.shape, q.axis)
-    if qt.bits != 4 or length % q.block_size or q.block_size % 2 or q.offset is not None:
+    if q.bits != 4 or length % q.block_size or q.block_size % 2 or q.offset is not None:
         return None
-    scale = _constants(q)[..., None]
-    zero_point = None if q.zero_point is None else q.zero_point[..., None].astype(jnp.float32)
 
     def half(raw):
-        v = jnp.asarray(qt.values)[raw.astype(jnp.int32)]
-        v = v.reshape(*v.shape[:-1], scale.shape[-2], q.block_size // 2)
-        out = (v if zero_point is None else v - zero_point) * scale
+        blocks = raw.reshape(*raw.shape[:-1], length // q.block_size, q.block_size // 2)
+        out = _apply_constants(blocks, q)
         return out.reshape(*out.shape[:-2], length // 2).astype(dtype)
 
     return half(q.codes >> 4), half(q.codes & 0xF)
