@@ -1,4 +1,4 @@
-"""qmatmul kernel variants on the GPU: shared-memory A (the interpreter-tested form) vs register A.
+"""qmatmul kernel (v3, prmt table decode) tuning variants on the GPU.
 
     PYTHONPATH=. python3 experiments/kernel_variants_gpu.py
 Each variant is checked against the XLA path on fresh inputs first, then timed with CUPTI over 4
@@ -14,12 +14,13 @@ from jax.experimental.mosaic.gpu import profiler
 import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu as K
 
-VARIANTS = {"smem A": K.BlockSizes(),
-            "reg A": K.BlockSizes(a_in_registers=True),
-            "reg A, 2 stages": K.BlockSizes(a_in_registers=True, max_concurrent_steps=2),
-            "reg A, 2 st, tile_k 128": K.BlockSizes(a_in_registers=True, max_concurrent_steps=2, tile_k=128),
-            "reg A, 3 st, tile_k 128, 1056 CTAs": K.BlockSizes(a_in_registers=True, max_concurrent_steps=3,
-                                                               tile_k=128, target_ctas=1056)}
+VARIANTS = {"default": K.BlockSizes(),
+            "tile_k 512": K.BlockSizes(tile_k=512),
+            "tile_k 128": K.BlockSizes(tile_k=128),
+            "2 stages": K.BlockSizes(max_concurrent_steps=2),
+            "6 stages": K.BlockSizes(max_concurrent_steps=6),
+            "264 CTAs": K.BlockSizes(target_ctas=264),
+            "1056 CTAs": K.BlockSizes(target_ctas=1056)}
 
 
 def timed(f, sets):
@@ -29,10 +30,10 @@ def timed(f, sets):
     return statistics.median(ms) / len(sets) * 1e3
 
 
-for k, n in [(4096, 4096), (4096, 14336)]:
+for k, n in [(4096, 4096), (4096, 14336), (14336, 4096)]:
     ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) * 0.02 for i in range(4)]
     qs = [jq.quantize(w, "nf4", 64, axis=0, double_quant=True, check_finite=False) for w in ws]
-    for m in (1,):
+    for m in (1, 16):
         xs = [jax.random.normal(jax.random.key(50 + i), (m, k), jnp.bfloat16) for i in range(4)]
         ref = jq.qmatmul(xs[0], qs[0], implementation="xla").astype(jnp.float32)
         line = f"K={k:<6} N={n:<6} M={m:<3} bf16 {timed(lambda x, w: x @ w, list(zip(xs, ws))):6.1f} us"

@@ -17,10 +17,12 @@ def make(rng, k, n, qtype="nf4", dq=True, heavy=False, bs=64):
 
 
 def close(out, ref, k):
-    """bf16 outputs: half an ulp of rounding each, and f32 sums in another order (~sqrt(K))."""
+    """bf16 outputs may differ by one ulp of the largest output (2^-7 of it); the kernel rounds
+    each weight twice (table value, then times its scale: 2^-8 relative, random sign, so the
+    sum's error is ~2^-8 / 5 of the largest output; allow 5 sigma); f32 sums in another order."""
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     scale = np.abs(ref).max()
-    np.testing.assert_allclose(out, ref, atol=scale * (2**-8 + 1e-6 * np.sqrt(k)), rtol=0)
+    np.testing.assert_allclose(out, ref, atol=scale * (2**-7 + 2**-8 + 1e-6 * np.sqrt(k)), rtol=0)
 
 
 @pytest.mark.parametrize("lead,k,n,qtype,dq,heavy", [
@@ -45,15 +47,6 @@ def test_split_k_and_block_128(rng):
     for splits in (2, 4):
         out = K.qmatmul(x, q, interpret=True, block_sizes=K.BlockSizes(k_splits=splits))
         close(out, ref, 1024)
-
-
-def test_decode_in_compute_dtype_is_within_bf16_tolerance(rng):
-    q = make(rng, 512, 64)
-    x = jnp.asarray(rng.standard_normal((4, 512)), jnp.bfloat16)
-    out = K.qmatmul(x, q, interpret=True, block_sizes=K.BlockSizes(decode_in_compute_dtype=True))
-    ref = np.asarray(jq.qmatmul(x, q, implementation="xla"), np.float64)
-    rel = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
-    assert rel < 1e-2
 
 
 @pytest.mark.parametrize("case", ["130 tokens", "N=100", "K=320", "block 32", "affine", "int8", "f32"])

@@ -23,9 +23,17 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from jaxquant._src import codebooks
-from jaxquant._src.kernels.qmatmul_mgpu import _decode
 from jaxquant._src.qarray import QArray
 from jaxquant._src.quantize import _constants
+
+
+def _decode(codes: jax.Array, values: np.ndarray, dtype=jnp.float32) -> jax.Array:
+    """4-bit codes -> table values in ``dtype``, by a select tree on the code's bits."""
+    level = [jnp.asarray(v, dtype) for v in values]
+    for bit in range(4):
+        set_ = (codes & (1 << bit)) != 0
+        level = [jnp.where(set_, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return level[0]
 
 
 @dataclasses.dataclass(frozen=True)
