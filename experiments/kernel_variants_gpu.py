@@ -16,11 +16,11 @@ from jaxquant._src.kernels import qmatmul_mgpu as K
 
 VARIANTS = {"default": K.BlockSizes(),
             "tile_k 512": K.BlockSizes(tile_k=512),
-            "tile_k 128": K.BlockSizes(tile_k=128),
+            "3 stages": K.BlockSizes(max_concurrent_steps=3),
             "2 stages": K.BlockSizes(max_concurrent_steps=2),
-            "6 stages": K.BlockSizes(max_concurrent_steps=6),
-            "264 CTAs": K.BlockSizes(target_ctas=264),
-            "1056 CTAs": K.BlockSizes(target_ctas=1056)}
+            "splits 2": K.BlockSizes(k_splits=2),
+            "splits 8": K.BlockSizes(k_splits=8),
+            "3 stages, 1056 CTAs": K.BlockSizes(max_concurrent_steps=3, target_ctas=1056)}
 
 
 def timed(f, sets):

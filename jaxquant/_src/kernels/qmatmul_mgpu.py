@@ -8,8 +8,9 @@ streamed through shared memory by ``emit_pipeline``.
 
 The codes are read as int32 words (8 codes each) and decoded in registers by ``prmt`` table
 lookups straight into wgmma's register operand layout (``nibble_lut``); x's contraction axis is
-permuted once in XLA to match, so no data moves between threads. The block constants come from
-XLA as float32 ``(K/bs, N)``.
+permuted once in XLA to match, so no data moves between threads. The block constants are read
+from the QArray's own storage (double-quantized ones decoded in registers, ``block_constants``),
+one step ahead of their use.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxquant._src import codebooks
 from jaxquant._src.qarray import QArray
-from jaxquant._src.kernels import nibble_lut
-from jaxquant._src.quantize import _constants
+from jaxquant._src.kernels import block_constants, nibble_lut
 
 TILE_N = 64  # output features per warpgroup: the wgmma M dimension
 
@@ -100,22 +100,51 @@ def _decode_chunk(codes, scale, chunk, values, dtype):
     return decode(codes, scale)
 
 
-def _kernel(codes_gmem, scales_gmem, x_gmem, out_gmem, *, k, m_pad, block_size, values,
+def _step_constants(consts_gmem, dq_gmem, ni, first_block, *, blocks, row_length, nested_block,
+                    interpret):
+    """The float32 constants of a step's ``blocks`` blocks for this tile's 64 rows: a list of
+    (64,) arrays. ``dq_gmem`` = (dynamic8 table, nested scales, offset) or () for plain float32."""
+    window = consts_gmem.at[pl.ds(ni * TILE_N, TILE_N), pl.ds(first_block, blocks)]
+    if interpret:
+        table, nested, offset = (ref[...] for ref in dq_gmem) if dq_gmem else (None,) * 3
+        values = block_constants.reference(
+            window[...], table, nested, offset, tile_row=ni * TILE_N, first_block=first_block,
+            row_length=row_length, nested_block=nested_block)
+        return [values[:, j] for j in range(blocks)]
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(),) * (1 + len(dq_gmem)),
+        return_type=[plgpu.ShapeDtypeStruct((TILE_N,), jnp.float32,
+                                            layout=plgpu.Layout.WGMMA.reduce(1))] * blocks)
+    def load(_, codes, *dq):
+        return block_constants.registers(codes, *(dq or (None,) * 3), blocks=blocks,
+                                         row_length=row_length, nested_block=nested_block)
+    return load(window, *dq_gmem)
+
+
+def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested_block, values,
             compute_dtype, bs: BlockSizes, splits: int, interpret: bool):
+    *dq_gmem, out_gmem = refs
     ni = lax.axis_index("n")
     si = lax.axis_index("s")
     steps = k // bs.tile_k // splits  # pipeline steps of this CTA's share of K
     first = si * steps
     words = bs.tile_k // 8  # int32 code words per row per step
     chunk = nibble_lut.CHUNK
-    scale_rows = max(1, bs.tile_k // block_size)
+    blocks = max(1, bs.tile_k // block_size)  # constants per row per step
 
-    def step(_, codes_smem, scales_smem, x_smem, acc_ref, a_smem):
+    def constants(kk):
+        return _step_constants(consts_gmem, dq_gmem, ni, (first + kk) * bs.tile_k // block_size,
+                               blocks=blocks, row_length=k // block_size,
+                               nested_block=nested_block, interpret=interpret)
+
+    def step(idx, codes_smem, x_smem, consts, acc_ref, a_smem):
+        # the next step's constants: their loads overlap this step's decode
+        next_consts = constants(lax.min(idx[0] + 1, steps - 1))
         if not interpret:
             codes = plgpu.load(codes_smem, layout=plgpu.Layout.WGMMA)
         for j in range(bs.tile_k // chunk):
-            s = plgpu.load(scales_smem.at[j * chunk // block_size % scale_rows],
-                           layout=plgpu.Layout.WGMMA.reduce(1))
+            s = consts[j * chunk // block_size % blocks]
             x_chunk = x_smem.at[pl.ds(j * chunk, chunk)]
             if interpret:  # same values through jnp; the interpreter's wgmma reads A from smem
                 a_smem[...] = nibble_lut.decode_reference(
@@ -126,31 +155,27 @@ def _kernel(codes_gmem, scales_gmem, x_gmem, out_gmem, *, k, m_pad, block_size, 
             else:
                 plgpu.wgmma(acc_ref, _decode_chunk(codes, s, j, values, compute_dtype), x_chunk)
         plgpu.wgmma_wait(0)  # the pipeline reuses this step's buffers after we return
-        return acc_ref
+        return next_consts
 
     x_swizzle = plgpu.find_swizzle(m_pad * 16, "rhs")
     x_transforms = (plgpu.TilingTransform((8, x_swizzle // 2)), plgpu.SwizzleTransform(x_swizzle))
     codes_swizzle = plgpu.find_swizzle(words * 32)
     codes_transforms = (plgpu.TilingTransform((8, codes_swizzle // 4)),
                         plgpu.SwizzleTransform(codes_swizzle))
-    # index maps return block indices: a step holds scale_rows rows of constants, or (blocks
-    # longer than a step) one row shared by block_size / tile_k steps
-    scale_k = lambda kk: ((first + kk) if block_size <= bs.tile_k else
-                          (first + kk) * bs.tile_k // block_size, ni)
 
     def acc_scope(acc_ref, a_smem=None):
         plgpu.emit_pipeline(
-            lambda idx, *refs: step(idx, *refs, acc_ref, a_smem),
+            lambda idx, codes, x, carry: step(idx, codes, x, carry, acc_ref, a_smem),
             grid=(steps,),
             in_specs=[
                 plgpu.BlockSpec((TILE_N, words), lambda kk: (ni, first + kk),
                                 transforms=codes_transforms),
-                plgpu.BlockSpec((scale_rows, TILE_N), scale_k),
                 plgpu.BlockSpec((bs.tile_k, m_pad), lambda kk: (first + kk, 0),
                                 transforms=x_transforms),
             ],
             max_concurrent_steps=bs.max_concurrent_steps,
-        )(codes_gmem, scales_gmem, x_gmem)
+            init_carry=constants(0),
+        )(words_gmem, x_gmem)
         return acc_ref[...]
 
     acc_type = plgpu.ACC((TILE_N, m_pad))
@@ -182,17 +207,24 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
     xp = x2[:, nibble_lut.permute_k(k)].T  # (K, m_pad), in the decoded operand's k order
     words = lax.bitcast_convert_type(q.codes.reshape(n, k // 8, 4), jnp.int32)  # (N, K/8)
-    scales = _constants(q).T  # (K/bs, N) float32
+    if isinstance(q.scale, QArray):  # double quant: dynamic8 codes, nested scales, offset
+        nested = q.scale
+        consts = [nested.codes.reshape(n, k // q.block_size),
+                  jnp.asarray(codebooks.QTYPES[nested.qtype].values, jnp.float32),
+                  nested.scale.reshape(-1), nested.offset.reshape(1)]
+    else:
+        consts = [q.scale.reshape(n, k // q.block_size)]
+    nested_block = q.scale.block_size if isinstance(q.scale, QArray) else None
     splits = _k_splits(k, n, block_sizes)
     kernel = functools.partial(
-        _kernel, k=k, m_pad=m_pad, block_size=q.block_size,
+        _kernel, k=k, m_pad=m_pad, block_size=q.block_size, nested_block=nested_block,
         values=codebooks.QTYPES[q.qtype].values, compute_dtype=np.dtype(compute_dtype),
         bs=block_sizes, splits=splits, interpret=interpret)
     call = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32),
         grid=(n // TILE_N, splits), grid_names=("n", "s"),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
-    out_t = call(words, scales, xp).sum(0)  # split-K partial sums
+    out_t = call(words, xp, *consts).sum(0)  # split-K partial sums
     return out_t[:, :m].T.reshape(*lead, n).astype(x.dtype)
 
 
