@@ -54,7 +54,7 @@ def _k_splits(k: int, n: int, bs: BlockSizes) -> int:
     return best
 
 
-MAX_TOKENS = 32  # m_pad 16 or 32: A's 32-element sub-tiles cover a 32 or 64 B swizzle
+MAX_TOKENS = 64  # the small-batch kernel: tokens on the wgmma N side, padded to 16, 32, 48, 64
 
 
 def _pad_tokens(m: int) -> int:
@@ -71,8 +71,17 @@ def can_use(x, q: QArray, compute_dtype) -> bool:
     return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
 
 
+def _fit_tile_k(k: int, block_size: int, bs: BlockSizes) -> BlockSizes:
+    """Shorter steps for a K that the default step does not divide (SmolLM2's 576, say)."""
+    for tile_k in (bs.tile_k, 128, 64):
+        if k % tile_k == 0 and (tile_k % block_size == 0 or block_size % tile_k == 0):
+            return dataclasses.replace(bs, tile_k=tile_k)
+    return bs
+
+
 def _check_supported(x, q: QArray, compute_dtype, block_sizes: BlockSizes = BlockSizes()):
     k, n = q.shape
+    block_sizes = _fit_tile_k(k, q.block_size, block_sizes)
     m = int(np.prod(x.shape[:-1]))
     why = None
     if q.qtype not in ("nf4", "fp4", "int4") or q.zero_point is not None:
@@ -200,6 +209,7 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     """``x @ dequantize(q)`` through the kernel; NotImplementedError for what it does not handle."""
     _check_supported(x, q, compute_dtype, block_sizes)
     k, n = q.shape
+    block_sizes = _fit_tile_k(k, q.block_size, block_sizes)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).astype(compute_dtype)
     m = x2.shape[0]
