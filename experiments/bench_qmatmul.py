@@ -47,7 +47,7 @@ def main():
     cases = [(k, n, "nf4", m) for k, n in shapes for m in TOKENS]
     if not args.quick:
         cases += [(4096, 14336, qtype, m) for qtype in ("fp4", "int4") for m in (1, 16)]
-    weights = {}
+    weights = {}  # only the current shape's weight sets stay alive
     for k, n, qtype, m in cases:
         if (k, n, qtype) not in weights:
             ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) * 0.02 for i in range(4)]

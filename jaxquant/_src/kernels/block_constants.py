@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-ROWS = 64  # the wgmma M side: rows of a tile
-
 
 def registers(codes_ref, table_ref, nested_ref, offset_ref, *, blocks: int, row_length: int,
               nested_block: int):

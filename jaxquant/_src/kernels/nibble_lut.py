@@ -116,20 +116,25 @@ def decode_registers(codes, scale, chunk: int, values, dtype):
     return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
 
-def decode_reference(words, scale, values, dtype):
-    """What ``decode_registers`` computes, in jnp (for interpret mode): words (64, 8) int32,
-    scale (64,) float32 -> (64, 64) operand columns in the permuted order, same roundings.
-    Only scalar constants (Pallas kernels cannot capture arrays): a select tree, static slices."""
+def select_decode(codes, values, dtype):
+    """4-bit codes -> table values in ``dtype`` by a select tree on the code's bits (scalar
+    constants only: Pallas kernels cannot capture arrays)."""
     import jax.numpy as jnp
 
-    table = [jnp.asarray(v, dtype) for v in np.asarray(values, np.float32).astype(dtype)]
+    level = [jnp.asarray(v, dtype) for v in values]
+    for bit in range(4):
+        set_ = (codes & (1 << bit)) != 0
+        level = [jnp.where(set_, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return level[0]
+
+
+def decode_reference(words, scale, values, dtype):
+    """What ``decode_registers`` computes, in jnp (for interpret mode): words (64, 8) int32,
+    scale (64,) float32 -> (64, 64) operand columns in the permuted order, same roundings."""
+    import jax.numpy as jnp
+
+    table = np.asarray(values, np.float32).astype(dtype)  # rounded to dtype first, as the PTX
     scale = scale.astype(dtype)[:, None]
-    columns = []
-    for word, nibble in zip(WORD_OF_COLUMN, NIBBLE_OF_COLUMN):
-        code = (words[:, word:word + 1] >> int(4 * nibble)) & 0xF
-        level = table
-        for bit in range(4):
-            set_ = (code & (1 << bit)) != 0
-            level = [jnp.where(set_, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
-        columns.append(level[0] * scale)
-    return jnp.concatenate(columns, axis=1)
+    columns = [select_decode((words[:, word:word + 1] >> int(4 * nibble)) & 0xF, table, dtype)
+               for word, nibble in zip(WORD_OF_COLUMN, NIBBLE_OF_COLUMN)]
+    return jnp.concatenate(columns, axis=1) * scale

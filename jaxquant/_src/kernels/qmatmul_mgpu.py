@@ -79,7 +79,9 @@ def _fit_tile_k(k: int, block_size: int, bs: BlockSizes) -> BlockSizes:
     return bs
 
 
-def _check_supported(x, q: QArray, compute_dtype, block_sizes: BlockSizes = BlockSizes()):
+def _check_supported(x, q: QArray, compute_dtype,
+                     block_sizes: BlockSizes = BlockSizes()) -> BlockSizes:
+    """The block sizes the kernel will use for these inputs, or NotImplementedError."""
     k, n = q.shape
     block_sizes = _fit_tile_k(k, q.block_size, block_sizes)
     m = int(np.prod(x.shape[:-1]))
@@ -96,6 +98,7 @@ def _check_supported(x, q: QArray, compute_dtype, block_sizes: BlockSizes = Bloc
         why = f"{m} tokens (the small-batch kernel takes up to {MAX_TOKENS})"
     if why:
         raise NotImplementedError(f"qmatmul_mgpu does not handle {why}")
+    return block_sizes
 
 
 def _decode_chunk(codes, scale, chunk, values, dtype):
@@ -207,9 +210,8 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested
 def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=False,
             block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
     """``x @ dequantize(q)`` through the kernel; NotImplementedError for what it does not handle."""
-    _check_supported(x, q, compute_dtype, block_sizes)
+    block_sizes = _check_supported(x, q, compute_dtype, block_sizes)
     k, n = q.shape
-    block_sizes = _fit_tile_k(k, q.block_size, block_sizes)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).astype(compute_dtype)
     m = x2.shape[0]
@@ -222,9 +224,9 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
         consts = [nested.codes.reshape(n, k // q.block_size),
                   jnp.asarray(codebooks.QTYPES[nested.qtype].values, jnp.float32),
                   nested.scale.reshape(-1), nested.offset.reshape(1)]
+        nested_block = nested.block_size
     else:
-        consts = [q.scale.reshape(n, k // q.block_size)]
-    nested_block = q.scale.block_size if isinstance(q.scale, QArray) else None
+        consts, nested_block = [q.scale.reshape(n, k // q.block_size)], None
     splits = _k_splits(k, n, block_sizes)
     kernel = functools.partial(
         _kernel, k=k, m_pad=m_pad, block_size=q.block_size, nested_block=nested_block,
@@ -237,8 +239,3 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     out_t = call(words, xp, *consts).sum(0)  # split-K partial sums
     return out_t[:, :m].T.reshape(*lead, n).astype(x.dtype)
 
-
-def reference(x, q, compute_dtype=jnp.bfloat16):
-    """What the kernel computes: the XLA path."""
-    from jaxquant._src.matmul import qmatmul_xla
-    return qmatmul_xla(x, q, compute_dtype)

@@ -24,16 +24,8 @@ from jax.experimental import pallas as pl
 
 from jaxquant._src import codebooks
 from jaxquant._src.qarray import QArray
+from jaxquant._src.kernels.nibble_lut import select_decode
 from jaxquant._src.quantize import _constants
-
-
-def _decode(codes: jax.Array, values: np.ndarray, dtype=jnp.float32) -> jax.Array:
-    """4-bit codes -> table values in ``dtype``, by a select tree on the code's bits."""
-    level = [jnp.asarray(v, dtype) for v in values]
-    for bit in range(4):
-        set_ = (codes & (1 << bit)) != 0
-        level = [jnp.where(set_, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
-    return level[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +66,8 @@ def _kernel(xe_ref, xo_ref, codes_ref, scales_ref, out_ref, *, values, block_siz
     per_step = tile_k // block_size
     s = scales_ref[:, pl.ds(step * per_step, per_step)]  # (tile_n, blocks in this step)
     s = jnp.repeat(s, block_size // 2, axis=1)  # one constant per code byte column
-    hi = (_decode(c >> 4, values) * s).astype(compute_dtype)
-    lo = (_decode(c & 0xF, values) * s).astype(compute_dtype)
+    hi = (select_decode(c >> 4, values, jnp.float32) * s).astype(compute_dtype)
+    lo = (select_decode(c & 0xF, values, jnp.float32) * s).astype(compute_dtype)
     dims = (((1,), (1,)), ((), ()))
     acc = jax.lax.dot_general(xe_ref[...], hi, dims, preferred_element_type=jnp.float32)
     acc += jax.lax.dot_general(xo_ref[...], lo, dims, preferred_element_type=jnp.float32)
