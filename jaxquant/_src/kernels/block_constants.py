@@ -19,7 +19,7 @@ def registers(codes_ref, table_ref, nested_ref, offset_ref, *, blocks: int, row_
     ``(N, row_length)`` constants (dynamic8 codes, or float32 constants when ``table_ref`` is
     None) -> ``blocks`` float32 (64,) arrays in the WGMMA_ROW layout."""
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, gpu, memref, vector
+    from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, vector
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import utils
 
@@ -33,18 +33,41 @@ def registers(codes_ref, table_ref, nested_ref, offset_ref, *, blocks: int, row_
         # flat index of the window's (0, 0) in the (N, row_length) codes: picks the nested scale
         window_start = memref.extract_strided_metadata(codes_ref)[1]
         offset = memref.load(offset_ref, [c(0)])
+    # A row's ``blocks`` codes are consecutive bytes: one aligned 32-bit load instead of four,
+    # and they share one nested scale (``packed``; the caller guarantees the alignment).
+    packed = table_ref is not None and blocks == 4 and row_length % 4 == 0 \
+        and nested_block % 4 == 0
+    if packed:
+        i32 = ir.IntegerType.get_signless(32)
+        window = utils.memref_ptr(codes_ref)
+    columns = [[None, None] for _ in range(blocks)]
+    for h in range(2):
+        row = arith.addi(first_row, c(8 * h))
+        if packed:
+            row_start = arith.index_cast(i32, arith.muli(row, c(row_length)))
+            row_ptr = utils.getelementptr(window, [row_start], ir.IntegerType.get_signless(8))
+            word = llvm.load(i32, row_ptr, alignment=4)
+            flat = arith.addi(window_start, arith.muli(row, c(row_length)))
+            nested = memref.load(nested_ref, [arith.divui(flat, c(nested_block))])
+        for j in range(blocks):
+            if packed:
+                byte = arith.andi(arith.shrui(word, utils.c(8 * j, i32)), utils.c(255, i32))
+                code = arith.index_cast(index, byte)
+                value = arith.addf(arith.mulf(memref.load(table_ref, [code]), nested), offset)
+            else:
+                value = memref.load(codes_ref, [row, c(j)])
+                if table_ref is not None:
+                    code = arith.index_cast(
+                        index, arith.extui(ir.IntegerType.get_signless(32), value))
+                    flat = arith.addi(window_start,
+                                      arith.addi(arith.muli(row, c(row_length)), c(j)))
+                    nested = memref.load(nested_ref, [arith.divui(flat, c(nested_block))])
+                    value = arith.addf(arith.mulf(memref.load(table_ref, [code]), nested), offset)
+            columns[j][h] = vector.broadcast(ir.VectorType.get((1,), f32), value)
     out = []
     for j in range(blocks):
         regs = np.empty((1, 1, 2, 1, 1), dtype=object)
-        for h in range(2):
-            row = arith.addi(first_row, c(8 * h))
-            value = memref.load(codes_ref, [row, c(j)])
-            if table_ref is not None:
-                code = arith.index_cast(index, arith.extui(ir.IntegerType.get_signless(32), value))
-                flat = arith.addi(window_start, arith.addi(arith.muli(row, c(row_length)), c(j)))
-                nested = memref.load(nested_ref, [arith.divui(flat, c(nested_block))])
-                value = arith.addf(arith.mulf(memref.load(table_ref, [code]), nested), offset)
-            regs[0, 0, h, 0, 0] = vector.broadcast(ir.VectorType.get((1,), f32), value)
+        regs[0, 0, 0, 0, 0], regs[0, 0, 1, 0, 0] = columns[j]
         out.append(mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_ROW_LAYOUT,
                                         _is_signed=None))
     return out

@@ -38,6 +38,7 @@ class BlockSizes:
     max_concurrent_steps: int = 4
     k_splits: int | None = None  # split-K: CTAs per output tile; None picks enough to fill the GPU
     target_ctas: int = 528  # 4 per SM on a 132-SM H100
+    probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads
 
 
 def _k_splits(k: int, n: int, bs: BlockSizes) -> int:
@@ -54,11 +55,11 @@ def _k_splits(k: int, n: int, bs: BlockSizes) -> int:
     return best
 
 
-MAX_TOKENS = 64  # the small-batch kernel: tokens on the wgmma N side, padded to 16, 32, 48, 64
+MAX_TOKENS = 64  # the small-batch kernel: tokens on the wgmma N side, padded to a multiple of 8
 
 
 def _pad_tokens(m: int) -> int:
-    return max(16, -(-m // 16) * 16)
+    return -(-m // 8) * 8
 
 
 def can_use(x, q: QArray, compute_dtype) -> bool:
@@ -152,12 +153,16 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested
 
     def step(idx, codes_smem, x_smem, consts, acc_ref, a_smem):
         # the next step's constants: their loads overlap this step's decode
-        next_consts = constants(lax.min(idx[0] + 1, steps - 1))
+        if bs.probe == "load":
+            return consts
+        next_consts = (consts if bs.probe == "noconst"
+                       else constants(lax.min(idx[0] + 1, steps - 1)))
         if not interpret:
             codes = plgpu.load(codes_smem, layout=plgpu.Layout.WGMMA)
         for j in range(bs.tile_k // chunk):
             s = consts[j * chunk // block_size % blocks]
-            x_chunk = x_smem.at[pl.ds(j * chunk, chunk)]
+            # x is stored (tokens, k), k-major: wgmma reads it as the transposed B operand
+            x_chunk = x_smem.at[:, pl.ds(j * chunk, chunk)].transpose((1, 0))
             if interpret:  # same values through jnp; the interpreter's wgmma reads A from smem
                 a_smem[...] = nibble_lut.decode_reference(
                     codes_smem[:, pl.ds(j * 8, 8)], s, values, compute_dtype)
@@ -169,8 +174,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested
         plgpu.wgmma_wait(0)  # the pipeline reuses this step's buffers after we return
         return next_consts
 
-    x_swizzle = plgpu.find_swizzle(m_pad * 16, "rhs")
-    x_transforms = (plgpu.TilingTransform((8, x_swizzle // 2)), plgpu.SwizzleTransform(x_swizzle))
+    x_transforms = (plgpu.TilingTransform((8, chunk)), plgpu.SwizzleTransform(2 * chunk))
     codes_swizzle = plgpu.find_swizzle(words * 32)
     codes_transforms = (plgpu.TilingTransform((8, codes_swizzle // 4)),
                         plgpu.SwizzleTransform(codes_swizzle))
@@ -182,7 +186,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested
             in_specs=[
                 plgpu.BlockSpec((TILE_N, words), lambda kk: (ni, first + kk),
                                 transforms=codes_transforms),
-                plgpu.BlockSpec((bs.tile_k, m_pad), lambda kk: (first + kk, 0),
+                plgpu.BlockSpec((m_pad, bs.tile_k), lambda kk: (0, first + kk),
                                 transforms=x_transforms),
             ],
             max_concurrent_steps=bs.max_concurrent_steps,
@@ -217,7 +221,7 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     m = x2.shape[0]
     m_pad = _pad_tokens(m)
     x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
-    xp = x2[:, nibble_lut.permute_k(k)].T  # (K, m_pad), in the decoded operand's k order
+    xp = x2[:, nibble_lut.permute_k(k)]  # (m_pad, K), in the decoded operand's k order
     words = lax.bitcast_convert_type(q.codes.reshape(n, k // 8, 4), jnp.int32)  # (N, K/8)
     if isinstance(q.scale, QArray):  # double quant: dynamic8 codes, nested scales, offset
         nested = q.scale
