@@ -19,6 +19,10 @@ from jaxquant._src.quantize import _dequantize_halves, _dequantize_rows
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 _COMPUTE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# From this many tokens the XLA path writes the whole dequantized weight out and runs one plain
+# gemm on it: XLA's gemm with the dequantize fused in is slower there (H100, M=2048: 0.56-0.67x
+# -> 0.70-0.78x a bf16 dot; BUILD_NOTES, experiments/xla_path_variants_gpu.py).
+_MATERIALIZE_FROM_TOKENS = 1024
 
 
 def _check(x, q: QArray, implementation: str, compute_dtype) -> np.dtype:
@@ -52,12 +56,16 @@ def qmatmul_xla(x: jax.Array, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Arra
     x, q = jax.lax.optimization_barrier((x, q))
     x = x.astype(compute_dtype)
     dims = (((x.ndim - 1,), (1,)), ((), ()))
-    halves = _dequantize_halves(q, np.dtype(compute_dtype))
+    tokens = int(np.prod(x.shape[:-1]))
+    halves = None if tokens >= _MATERIALIZE_FROM_TOKENS else _dequantize_halves(
+        q, np.dtype(compute_dtype))
     if halves is not None:  # 4-bit: even and odd k separately, no nibble interleave
         y = (jax.lax.dot_general(x[..., 0::2], halves[0], dims, preferred_element_type=jnp.float32)
              + jax.lax.dot_general(x[..., 1::2], halves[1], dims, preferred_element_type=jnp.float32))
     else:
         w_t = _dequantize_rows(q, np.dtype(compute_dtype))
+        if tokens >= _MATERIALIZE_FROM_TOKENS:  # a plain gemm on the written-out weight
+            w_t = jax.lax.optimization_barrier(w_t)
         y = jax.lax.dot_general(x, w_t, dims, preferred_element_type=jnp.float32)
     return y.astype(out_dtype)
 

@@ -1,0 +1,61 @@
+"""The XLA path for many tokens (M >= 128): ways to dequantize-then-dot, on the GPU.
+
+    PYTHONPATH=. python3 experiments/xla_path_variants_gpu.py
+Variants (NF4 + DQ, block 64, bf16; each checked against the current XLA path first, then timed
+with CUPTI over 4 rotating weight sets, whole call):
+- current: even/odd k halves, two dots (what `qmatmul(implementation="xla")` does);
+- halves+barrier: the same with the dequantized halves materialized (no fusion into the gemm);
+- rows+barrier: W^T (N, K) dequantized in full, materialized, one dot.
+"""
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.mosaic.gpu import profiler
+
+import jaxquant as jq
+from jaxquant._src.quantize import _dequantize_halves, _dequantize_rows
+
+DIMS = (((1,), (1,)), ((), ()))
+
+
+def halves_barrier(x, q):
+    even, odd = jax.lax.optimization_barrier(_dequantize_halves(q, np.dtype(jnp.bfloat16)))
+    y = (jax.lax.dot_general(x[:, 0::2], even, DIMS, preferred_element_type=jnp.float32)
+         + jax.lax.dot_general(x[:, 1::2], odd, DIMS, preferred_element_type=jnp.float32))
+    return y.astype(x.dtype)
+
+
+def rows_barrier(x, q):
+    w_t = jax.lax.optimization_barrier(_dequantize_rows(q, np.dtype(jnp.bfloat16)))
+    return jax.lax.dot_general(x, w_t, DIMS, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+VARIANTS = {"current": lambda x, q: jq.qmatmul(x, q, implementation="xla"),
+            "halves+barrier": halves_barrier, "rows+barrier": rows_barrier}
+
+
+def timed(f, sets):
+    run = jax.jit(lambda sets: [f(*a) for a in sets])
+    jax.block_until_ready(run(sets))
+    _, ms = profiler.measure(run, iterations=10)(sets)
+    return statistics.median(ms) / len(sets) * 1e3
+
+
+for k, n in [(4096, 4096), (4096, 14336), (14336, 4096)]:
+    ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) * 0.02 for i in range(4)]
+    qs = [jq.quantize(w, "nf4", 64, axis=0, double_quant=True, check_finite=False) for w in ws]
+    for m in (128, 512, 2048):
+        xs = [jax.random.normal(jax.random.key(50 + i), (m, k), jnp.bfloat16) for i in range(4)]
+        ref = jq.qmatmul(xs[0], qs[0], implementation="xla").astype(jnp.float32)
+        bf16 = timed(lambda x, w: x @ w, list(zip(xs, ws)))
+        line = f"K={k:<5} N={n:<5} M={m:<4} bf16 {bf16:6.1f} us"
+        for name, f in VARIANTS.items():
+            out = jax.jit(f)(xs[0], qs[0]).astype(jnp.float32)
+            rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+            assert rel < 1e-2, (name, rel)
+            us = timed(f, list(zip(xs, qs)))
+            line += f" | {name} {us:6.1f} (x{bf16 / us:.2f})"
+        print(line, flush=True)
