@@ -44,6 +44,15 @@ def _check(x, q: QArray, implementation: str, compute_dtype) -> np.dtype:
     return compute
 
 
+def _interleave_16bit(even: jax.Array, odd: jax.Array) -> jax.Array:
+    """Two ``(..., L/2)`` 16-bit arrays -> ``(..., L)`` alternating even/odd elements: each pair is
+    packed into one 32-bit word and bitcast back (little-endian: the low half is element 0), an
+    elementwise pass instead of a strided interleave."""
+    bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.uint32)
+    pairs = jax.lax.bitcast_convert_type(bits(even) | bits(odd) << 16, even.dtype)  # (..., L/2, 2)
+    return pairs.reshape(*even.shape[:-1], 2 * even.shape[-1])
+
+
 def qmatmul_xla(x: jax.Array, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Array:
     """The reference: dequantize W to ``compute_dtype``, then a dot with float32 accumulation.
 
@@ -56,15 +65,17 @@ def qmatmul_xla(x: jax.Array, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Arra
     x, q = jax.lax.optimization_barrier((x, q))
     x = x.astype(compute_dtype)
     dims = (((x.ndim - 1,), (1,)), ((), ()))
-    tokens = int(np.prod(x.shape[:-1]))
-    halves = None if tokens >= _MATERIALIZE_FROM_TOKENS else _dequantize_halves(
-        q, np.dtype(compute_dtype))
-    if halves is not None:  # 4-bit: even and odd k separately, no nibble interleave
+    materialize = int(np.prod(x.shape[:-1])) >= _MATERIALIZE_FROM_TOKENS
+    halves = _dequantize_halves(q, np.dtype(compute_dtype))
+    if halves is not None and not materialize:  # 4-bit: even and odd k apart, no interleave
         y = (jax.lax.dot_general(x[..., 0::2], halves[0], dims, preferred_element_type=jnp.float32)
              + jax.lax.dot_general(x[..., 1::2], halves[1], dims, preferred_element_type=jnp.float32))
     else:
-        w_t = _dequantize_rows(q, np.dtype(compute_dtype))
-        if tokens >= _MATERIALIZE_FROM_TOKENS:  # a plain gemm on the written-out weight
+        if halves is not None and np.dtype(compute_dtype).itemsize == 2:
+            w_t = _interleave_16bit(*halves)
+        else:
+            w_t = _dequantize_rows(q, np.dtype(compute_dtype))
+        if materialize:  # a plain gemm on the written-out weight
             w_t = jax.lax.optimization_barrier(w_t)
         y = jax.lax.dot_general(x, w_t, dims, preferred_element_type=jnp.float32)
     return y.astype(out_dtype)
