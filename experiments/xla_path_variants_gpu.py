@@ -6,7 +6,8 @@ with CUPTI over 4 rotating weight sets, whole call):
 - current: what `qmatmul(implementation="xla")` does (from 1024 tokens: the halves packed
   into one (N, K) weight by 32-bit words, written out, one gemm);
 - halves: even/odd k halves, two dots, XLA fusing the dequantize into its gemms (below 1024);
-- halves+barrier: the same with the dequantized halves materialized (no fusion into the gemm);
+- packed: the halves packed into one (N, K) weight, written out, one gemm with a bf16 result
+  (what `current` does from 512 tokens, here at every M);
 - rows+barrier: W^T (N, K) dequantized by `_dequantize_rows` (strided interleave), one gemm.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 from jax.experimental.mosaic.gpu import profiler
 
 import jaxquant as jq
+from jaxquant._src.matmul import _interleave_16bit
 from jaxquant._src.quantize import _dequantize_halves, _dequantize_rows
 
 DIMS = (((1,), (1,)), ((), ()))
@@ -30,11 +32,10 @@ def halves(x, q):
     return y.astype(x.dtype)
 
 
-def halves_barrier(x, q):
-    even, odd = jax.lax.optimization_barrier(_dequantize_halves(q, np.dtype(jnp.bfloat16)))
-    y = (jax.lax.dot_general(x[:, 0::2], even, DIMS, preferred_element_type=jnp.float32)
-         + jax.lax.dot_general(x[:, 1::2], odd, DIMS, preferred_element_type=jnp.float32))
-    return y.astype(x.dtype)
+def packed(x, q):
+    halves_ = _dequantize_halves(q, np.dtype(jnp.bfloat16))
+    w_t = jax.lax.optimization_barrier(_interleave_16bit(*halves_))
+    return jax.lax.dot_general(x, w_t, DIMS, preferred_element_type=jnp.bfloat16)
 
 
 def rows_barrier(x, q):
@@ -43,7 +44,7 @@ def rows_barrier(x, q):
 
 
 VARIANTS = {"current": lambda x, q: jq.qmatmul(x, q, implementation="xla"),
-            "halves": halves, "halves+barrier": halves_barrier, "rows+barrier": rows_barrier}
+            "halves": halves, "packed": packed, "rows+barrier": rows_barrier}
 
 
 def timed(f, sets):
@@ -53,10 +54,11 @@ def timed(f, sets):
     return statistics.median(ms) / len(sets) * 1e3
 
 
+M = (1, 16, 128, 512, 1024, 2048)
 for k, n in [(4096, 4096), (4096, 14336), (14336, 4096)]:
     ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) * 0.02 for i in range(4)]
     qs = [jq.quantize(w, "nf4", 64, axis=0, double_quant=True, check_finite=False) for w in ws]
-    for m in (128, 512, 1024, 2048):
+    for m in M:
         xs = [jax.random.normal(jax.random.key(50 + i), (m, k), jnp.bfloat16) for i in range(4)]
         ref = jq.qmatmul(xs[0], qs[0], implementation="xla").astype(jnp.float32)
         bf16 = timed(lambda x, w: x @ w, list(zip(xs, ws)))

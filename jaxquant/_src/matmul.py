@@ -19,10 +19,11 @@ from jaxquant._src.quantize import _dequantize_halves, _dequantize_rows
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 _COMPUTE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-# From this many tokens the XLA path writes the whole dequantized weight out and runs one plain
-# gemm on it: XLA's gemm with the dequantize fused in is slower there (H100, M=2048: 0.56-0.67x
-# -> 0.70-0.78x a bf16 dot; BUILD_NOTES, experiments/xla_path_variants_gpu.py).
-_MATERIALIZE_FROM_TOKENS = 1024
+# From this many tokens the XLA path writes the whole dequantized weight out (the even/odd halves
+# packed by 32-bit words) and runs one plain gemm on it with a 16-bit result; below, two dots on
+# the halves, which XLA fuses better for a single token. H100, 4096x14336: M=16 0.39 -> 0.41x,
+# M=128 0.34 -> 0.40x, M=2048 0.62 -> 0.87x a bf16 dot (BUILD_NOTES, xla_path_variants_gpu.py).
+_MATERIALIZE_FROM_TOKENS = 16
 
 
 def _check(x, q: QArray, implementation: str, compute_dtype) -> np.dtype:
@@ -75,9 +76,13 @@ def qmatmul_xla(x: jax.Array, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Arra
             w_t = _interleave_16bit(*halves)
         else:
             w_t = _dequantize_rows(q, np.dtype(compute_dtype))
+        result = jnp.float32
         if materialize:  # a plain gemm on the written-out weight
             w_t = jax.lax.optimization_barrier(w_t)
-        y = jax.lax.dot_general(x, w_t, dims, preferred_element_type=jnp.float32)
+            # still accumulated in float32 (cuBLAS/XLA upcast 16-bit dots), but written in the
+            # output dtype: a float32 result and a convert pass cost 55 us at M=2048 x 14336
+            result = out_dtype if np.dtype(out_dtype) == np.dtype(compute_dtype) else result
+        y = jax.lax.dot_general(x, w_t, dims, preferred_element_type=result)
     return y.astype(out_dtype)
 
 
