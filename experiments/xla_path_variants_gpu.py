@@ -8,7 +8,8 @@ with CUPTI over 4 rotating weight sets, whole call):
 - halves: even/odd k halves, two dots, XLA fusing the dequantize into its gemms (below 1024);
 - packed: the halves packed into one (N, K) weight, written out, one gemm with a bf16 result
   (what `current` does from 512 tokens, here at every M);
-- rows+barrier: W^T (N, K) dequantized by `_dequantize_rows` (strided interleave), one gemm.
+- rows+barrier: W^T (N, K) dequantized by the strided interleave (float32 rows, then cast), one
+  gemm (the session-3 measurements before the packing used 16-bit rows: 10-20 us faster).
 """
 
 import statistics
@@ -19,8 +20,7 @@ import numpy as np
 from jax.experimental.mosaic.gpu import profiler
 
 import jaxquant as jq
-from jaxquant._src.matmul import _interleave_16bit
-from jaxquant._src.quantize import _dequantize_halves, _dequantize_rows
+from jaxquant._src.quantize import _dequantize_halves, _dequantize_rows, _interleave_16bit
 
 DIMS = (((1,), (1,)), ((), ()))
 
@@ -39,7 +39,8 @@ def packed(x, q):
 
 
 def rows_barrier(x, q):
-    w_t = jax.lax.optimization_barrier(_dequantize_rows(q, np.dtype(jnp.bfloat16)))
+    # float32 rows take the strided interleave (16-bit ones are packed by 32-bit words now)
+    w_t = jax.lax.optimization_barrier(_dequantize_rows(q, np.dtype(np.float32)).astype(x.dtype))
     return jax.lax.dot_general(x, w_t, DIMS, preferred_element_type=jnp.float32).astype(x.dtype)
 
 

@@ -239,3 +239,17 @@ def test_gpu_cell_lookup_gives_the_same_codes_as_compares(qtype):
         probes.append(p + np.arange(-64, 65, dtype=np.float32) * ulp)
     s = jnp.asarray(np.clip(np.concatenate(probes), -1, 1).astype(np.float32))
     np.testing.assert_array_equal(_code_by_cells(s, qt), _code_by_sum(s, qt))
+
+
+@pytest.mark.parametrize("qtype,shape,bs,axis,dq", [
+    ("nf4", (64, 96), 64, 0, True),  # whole blocks: the packed even/odd path
+    ("fp4", (3, 256), 32, None, False),
+    ("nf4", (5, 100), 64, 1, True),  # partial last block: the interleaving path
+])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_dequantize_is_the_float32_result_rounded_once(qtype, shape, bs, axis, dq, dtype, rng):
+    q = jq.quantize(rng.standard_normal(shape).astype(np.float32), qtype, bs, axis=axis,
+                    double_quant=dq)
+    got = np.asarray(jq.dequantize(q, dtype=dtype))
+    want = np.asarray(jq.dequantize(q, dtype=jnp.float32).astype(dtype))
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))

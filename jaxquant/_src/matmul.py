@@ -19,8 +19,7 @@ from jaxquant._src.quantize import _dequantize_halves, _dequantize_rows
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 _COMPUTE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-# From this many tokens the XLA path writes the whole dequantized weight out (the even/odd halves
-# packed by 32-bit words) and runs one plain gemm on it with a 16-bit result; below, two dots on
+# From this many tokens the XLA path writes the whole dequantized weight out and runs one plain gemm on it with a 16-bit result; below, two dots on
 # the halves, which XLA fuses better for a single token. H100, 4096x14336: M=16 0.39 -> 0.41x,
 # M=128 0.34 -> 0.40x, M=2048 0.62 -> 0.87x a bf16 dot (BUILD_NOTES, xla_path_variants_gpu.py).
 _MATERIALIZE_FROM_TOKENS = 16
@@ -45,15 +44,6 @@ def _check(x, q: QArray, implementation: str, compute_dtype) -> np.dtype:
     return compute
 
 
-def _interleave_16bit(even: jax.Array, odd: jax.Array) -> jax.Array:
-    """Two ``(..., L/2)`` 16-bit arrays -> ``(..., L)`` alternating even/odd elements: each pair is
-    packed into one 32-bit word and bitcast back (little-endian: the low half is element 0), an
-    elementwise pass instead of a strided interleave."""
-    bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.uint32)
-    pairs = jax.lax.bitcast_convert_type(bits(even) | bits(odd) << 16, even.dtype)  # (..., L/2, 2)
-    return pairs.reshape(*even.shape[:-1], 2 * even.shape[-1])
-
-
 def qmatmul_xla(x: jax.Array, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Array:
     """The reference: dequantize W to ``compute_dtype``, then a dot with float32 accumulation.
 
@@ -72,10 +62,7 @@ def qmatmul_xla(x: jax.Array, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Arra
         y = (jax.lax.dot_general(x[..., 0::2], halves[0], dims, preferred_element_type=jnp.float32)
              + jax.lax.dot_general(x[..., 1::2], halves[1], dims, preferred_element_type=jnp.float32))
     else:
-        if halves is not None and np.dtype(compute_dtype).itemsize == 2:
-            w_t = _interleave_16bit(*halves)
-        else:
-            w_t = _dequantize_rows(q, np.dtype(compute_dtype))
+        w_t = _dequantize_rows(q, np.dtype(compute_dtype))
         result = jnp.float32
         if materialize:  # a plain gemm on the written-out weight
             w_t = jax.lax.optimization_barrier(w_t)
