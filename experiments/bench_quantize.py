@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import time
@@ -48,6 +49,9 @@ print(json.dumps(out))
 
 
 def commit() -> str:
+    """JAXQUANT_COMMIT if set (the device's copy of the tree has a stale git HEAD), else git's."""
+    if os.environ.get("JAXQUANT_COMMIT"):
+        return os.environ["JAXQUANT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        cwd=pathlib.Path(__file__).parent).strip()
