@@ -1,4 +1,4 @@
-"""qmatmul kernel tuning variants on the GPU (v4: register prmt decode vs shared byte table).
+"""qmatmul kernel tuning variants on the GPU (v4: steps, stages and split-K retuned for the new x layout).
 
     PYTHONPATH=. python3 experiments/kernel_variants_gpu.py
 Each variant is checked against the XLA path on fresh inputs first, then timed with CUPTI over 4
@@ -14,13 +14,13 @@ from jax.experimental.mosaic.gpu import profiler
 import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu as K
 
-VARIANTS = {"prmt": K.BlockSizes(decode="prmt"),
-            "prmt no-const": K.BlockSizes(decode="prmt", probe="noconst"),
-            "prmt load-only": K.BlockSizes(decode="prmt", probe="load"),
-            "lds16 3st": K.BlockSizes(lut_copies=16, max_concurrent_steps=3),
-            "lds16 4st": K.BlockSizes(lut_copies=16),
-            "lds16 3st no-const": K.BlockSizes(lut_copies=16, max_concurrent_steps=3, probe="noconst"),
-            "prmt 3st": K.BlockSizes(decode="prmt", max_concurrent_steps=3)}
+VARIANTS = {"default": K.BlockSizes(),
+            "3 stages": K.BlockSizes(max_concurrent_steps=3),
+            "6 stages": K.BlockSizes(max_concurrent_steps=6),
+            "tile_k 512, 2 stages": K.BlockSizes(tile_k=512, max_concurrent_steps=2),
+            "tile_k 512, 3 stages": K.BlockSizes(tile_k=512, max_concurrent_steps=3),
+            "splits x0.5 (264 CTAs)": K.BlockSizes(target_ctas=264),
+            "splits x2 (1056 CTAs)": K.BlockSizes(target_ctas=1056)}
 
 
 def timed(f, sets):
