@@ -4,8 +4,9 @@ Double-quantized constants (bitsandbytes/QLoRA) are stored as one dynamic8 code 
 float32 nested scale per ``nested_block_size`` consecutive codes of the row-major ``(N, K/bs)``
 code array, and one float32 offset: ``absmax = dynamic8[code] * nested[flat // 256] + offset``.
 Each thread of the warpgroup needs the constants of its two rows (``16w + r`` and ``+ 8``, the
-``WGMMA_ROW`` layout) for the step's blocks: a handful of cached global loads per step, so the
-kernel never rebuilds a float32 absmax array in HBM. Plain float32 constants are loaded as is.
+``WGMMA_ROW`` layout) for the step's blocks: per row one 32-bit load of its 4 codes, one nested
+scale and 4 (L1-cached) table loads, so the kernel never rebuilds a float32 absmax array in HBM.
+Plain float32 constants are loaded as is.
 """
 
 from __future__ import annotations
