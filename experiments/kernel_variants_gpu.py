@@ -5,6 +5,7 @@ Each variant is checked against the XLA path on fresh inputs first, then timed w
 rotating weight sets (NF4 + DQ, block 64, bf16).
 """
 
+import os
 import statistics
 
 import jax
@@ -14,13 +15,11 @@ from jax.experimental.mosaic.gpu import profiler
 import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu as K
 
-VARIANTS = {"default": K.BlockSizes(),
+VARIANTS = {"4 stages": K.BlockSizes(max_concurrent_steps=4),
             "3 stages": K.BlockSizes(max_concurrent_steps=3),
-            "6 stages": K.BlockSizes(max_concurrent_steps=6),
-            "tile_k 512, 2 stages": K.BlockSizes(tile_k=512, max_concurrent_steps=2),
-            "tile_k 512, 3 stages": K.BlockSizes(tile_k=512, max_concurrent_steps=3),
-            "splits x0.5 (264 CTAs)": K.BlockSizes(target_ctas=264),
-            "splits x2 (1056 CTAs)": K.BlockSizes(target_ctas=1056)}
+            "2 stages": K.BlockSizes(max_concurrent_steps=2),
+            "2 stages, 1056 CTAs": K.BlockSizes(max_concurrent_steps=2, target_ctas=1056)}
+TOKENS = [int(t) for t in os.environ.get("TOKENS", "1,16").split(",")]
 
 
 def timed(f, sets):
@@ -33,7 +32,7 @@ def timed(f, sets):
 for k, n in [(4096, 4096), (4096, 14336), (14336, 4096)]:
     ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) * 0.02 for i in range(4)]
     qs = [jq.quantize(w, "nf4", 64, axis=0, double_quant=True, check_finite=False) for w in ws]
-    for m in (1, 16):
+    for m in TOKENS:
         xs = [jax.random.normal(jax.random.key(50 + i), (m, k), jnp.bfloat16) for i in range(4)]
         ref = jq.qmatmul(xs[0], qs[0], implementation="xla").astype(jnp.float32)
         line = f"K={k:<5} N={n:<5} M={m:<2} bf16 {timed(lambda x, w: x @ w, list(zip(xs, ws))):6.1f} us"

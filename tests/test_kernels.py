@@ -125,3 +125,12 @@ def test_tpu_kernel_lowers_for_mosaic_tpu(rng):
     x = jnp.ones((4, 512), jnp.bfloat16)
     lowered = jax.jit(lambda x, q: T.qmatmul(x, q)).trace(x, q).lower(lowering_platforms=("tpu",))
     assert "tpu_custom_call" in lowered.as_text()
+
+
+@pytest.mark.parametrize("m,stages", [(1, 4), (8, 4), (16, 3), (24, 2), (64, 2)])
+def test_pipeline_stages_shrink_with_tokens_so_four_ctas_share_an_sm(m, stages):
+    fitted = K._fit_stages(K.BlockSizes(), K._pad_tokens(m))
+    assert fitted.max_concurrent_steps == stages
+    step = K.TILE_N * fitted.tile_k // 2 + K._pad_tokens(m) * fitted.tile_k * 2
+    assert stages == 2 or stages * step <= K.STAGE_BUDGET
+    assert K._fit_stages(K.BlockSizes(max_concurrent_steps=2), 8).max_concurrent_steps == 2

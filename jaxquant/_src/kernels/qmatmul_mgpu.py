@@ -35,7 +35,7 @@ TILE_N = 64  # output features per warpgroup: the wgmma M dimension
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     tile_k: int = 256  # elements of K per pipeline step (32 code words per row)
-    max_concurrent_steps: int = 4
+    max_concurrent_steps: int = 4  # at most: fewer when the steps' buffers pass STAGE_BUDGET
     k_splits: int | None = None  # split-K: CTAs per output tile; None picks enough to fill the GPU
     target_ctas: int = 528  # 4 per SM on a 132-SM H100
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads
@@ -80,6 +80,17 @@ def _fit_tile_k(k: int, block_size: int, bs: BlockSizes) -> BlockSizes:
     return bs
 
 
+STAGE_BUDGET = 48 * 1024  # shared memory for the pipelined steps: 4 CTAs fit an SM's 228 KB
+
+
+def _fit_stages(bs: BlockSizes, m_pad: int) -> BlockSizes:
+    """Fewer pipeline stages (>= 2) for many tokens, so that 4 CTAs still share an SM: with 64
+    tokens, 4 stages took 160 KB, one CTA per SM, and ran 1.4x slower (BUILD_NOTES, kernel v4)."""
+    step_bytes = TILE_N * bs.tile_k // 2 + m_pad * bs.tile_k * 2  # codes + x
+    stages = max(2, min(bs.max_concurrent_steps, STAGE_BUDGET // step_bytes))
+    return dataclasses.replace(bs, max_concurrent_steps=stages)
+
+
 def _check_supported(x, q: QArray, compute_dtype,
                      block_sizes: BlockSizes = BlockSizes()) -> BlockSizes:
     """The block sizes the kernel will use for these inputs, or NotImplementedError."""
@@ -99,7 +110,7 @@ def _check_supported(x, q: QArray, compute_dtype,
         why = f"{m} tokens (the small-batch kernel takes up to {MAX_TOKENS})"
     if why:
         raise NotImplementedError(f"qmatmul_mgpu does not handle {why}")
-    return block_sizes
+    return _fit_stages(block_sizes, _pad_tokens(m))
 
 
 def _decode_chunk(codes, scale, chunk, values, dtype):
