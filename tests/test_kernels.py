@@ -33,6 +33,7 @@ def close(out, ref, k):
     ((32,), 256, 64, "nf4", True, False),
     ((48,), 256, 64, "nf4", True, True),  # m_pad 48: a 32-byte swizzle for x
     ((1,), 576, 64, "nf4", True, False),  # SmolLM2's K: 64-element steps
+    ((100,), 512, 64, "nf4", True, True),  # m_pad 104: 128-element steps to fit the stage budget
 ])
 def test_kernel_matches_xla_path(lead, k, n, qtype, dq, heavy, rng):
     q = make(rng, k, n, qtype, dq, heavy)
@@ -89,7 +90,8 @@ def test_kernel_is_not_used_off_hopper(rng):
     assert not K.can_use(jnp.ones((1, 256), jnp.bfloat16), q, jnp.bfloat16)  # CPU here
 
 
-@pytest.mark.parametrize("m,qtype,dq", [(1, "nf4", True), (16, "fp4", False), (32, "int4", False)])
+@pytest.mark.parametrize("m,qtype,dq", [(1, "nf4", True), (16, "fp4", False), (32, "int4", False),
+                                        (128, "nf4", True)])
 def test_kernel_lowers_for_hopper(m, qtype, dq, rng):
     """Compile-time checks of the real Mosaic GPU lowering (layout inference, swizzles) on CPU:
     the interpreter does not run them, and an H100 run found the first failure here."""
@@ -134,3 +136,10 @@ def test_pipeline_stages_shrink_with_tokens_so_four_ctas_share_an_sm(m, stages):
     step = K.TILE_N * fitted.tile_k // 2 + K._pad_tokens(m) * fitted.tile_k * 2
     assert stages == 2 or stages * step <= K.STAGE_BUDGET
     assert K._fit_stages(K.BlockSizes(max_concurrent_steps=2), 8).max_concurrent_steps == 2
+
+
+@pytest.mark.parametrize("m,tile_k", [(1, 256), (64, 256), (72, 256), (88, 128), (128, 128)])
+def test_steps_shorten_for_many_tokens_so_two_fit_the_budget(m, tile_k):
+    fitted = K._fit_tile_k(4096, 64, K.BlockSizes(), K._pad_tokens(m))
+    assert fitted.tile_k == tile_k
+    assert K._step_bytes(tile_k, K._pad_tokens(m)) <= K.STAGE_BUDGET

@@ -37,25 +37,30 @@ class BlockSizes:
     tile_k: int = 256  # elements of K per pipeline step (32 code words per row)
     max_concurrent_steps: int = 4  # at most: fewer when the steps' buffers pass STAGE_BUDGET
     k_splits: int | None = None  # split-K: CTAs per output tile; None picks enough to fill the GPU
-    target_ctas: int = 528  # 4 per SM on a 132-SM H100
+    target_ctas: int | None = None  # None: 528 (4 per SM) up to 32 tokens, 256 beyond
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads
 
 
-def _k_splits(k: int, n: int, bs: BlockSizes) -> int:
-    """How many ways to split K so that (N/64) x splits CTAs fill the GPU, >= 2 steps each."""
+def _k_splits(k: int, n: int, m_pad: int, bs: BlockSizes) -> int:
+    """How many ways to split K so that (N/64) x splits CTAs fill the GPU, >= 2 steps each.
+
+    Fewer CTAs are wanted for many tokens: each split writes float32 partial sums of
+    N x tokens that XLA reads back, 29 MB at 4096x14336 and 128 tokens in 4 splits, and at 64+
+    tokens that cost more than fuller waves gain (BUILD_NOTES, session 4)."""
     if bs.k_splits:
         return bs.k_splits
+    target = bs.target_ctas or (528 if m_pad <= 32 else 256)
     steps, tiles = k // bs.tile_k, n // TILE_N
     best = 1
     for s in range(1, steps // 2 + 1):
-        if steps % s == 0 and tiles * s <= 2 * bs.target_ctas:
+        if steps % s == 0 and tiles * s <= 2 * target:
             best = s
-            if tiles * s >= bs.target_ctas:
+            if tiles * s >= target:
                 break
     return best
 
 
-MAX_TOKENS = 64  # the small-batch kernel: tokens on the wgmma N side, padded to a multiple of 8
+MAX_TOKENS = 128  # tokens ride on the wgmma N side, padded to a multiple of 8 (wgmma N <= 256)
 
 
 def _pad_tokens(m: int) -> int:
@@ -72,9 +77,13 @@ def can_use(x, q: QArray, compute_dtype) -> bool:
     return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
 
 
-def _fit_tile_k(k: int, block_size: int, bs: BlockSizes) -> BlockSizes:
-    """Shorter steps for a K that the default step does not divide (SmolLM2's 576, say)."""
-    for tile_k in (bs.tile_k, 128, 64):
+def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, m_pad: int) -> BlockSizes:
+    """Shorter steps for a K that the default step does not divide (SmolLM2's 576, say), and
+    for many tokens, so that two steps of x still fit the stage budget."""
+    longest = bs.tile_k
+    while longest > 64 and _step_bytes(longest, m_pad) > STAGE_BUDGET:
+        longest //= 2
+    for tile_k in (longest, 128, 64):
         if k % tile_k == 0 and (tile_k % block_size == 0 or block_size % tile_k == 0):
             return dataclasses.replace(bs, tile_k=tile_k)
     return bs
@@ -83,11 +92,14 @@ def _fit_tile_k(k: int, block_size: int, bs: BlockSizes) -> BlockSizes:
 STAGE_BUDGET = 48 * 1024  # shared memory for the pipelined steps: 4 CTAs fit an SM's 228 KB
 
 
+def _step_bytes(tile_k: int, m_pad: int) -> int:
+    return TILE_N * tile_k // 2 + m_pad * tile_k * 2  # codes + x
+
+
 def _fit_stages(bs: BlockSizes, m_pad: int) -> BlockSizes:
     """Fewer pipeline stages (>= 2) for many tokens, so that 4 CTAs still share an SM: with 64
     tokens, 4 stages took 160 KB, one CTA per SM, and ran 1.4x slower (BUILD_NOTES, kernel v4)."""
-    step_bytes = TILE_N * bs.tile_k // 2 + m_pad * bs.tile_k * 2  # codes + x
-    stages = max(2, min(bs.max_concurrent_steps, STAGE_BUDGET // step_bytes))
+    stages = max(2, min(bs.max_concurrent_steps, STAGE_BUDGET // _step_bytes(bs.tile_k, m_pad)))
     return dataclasses.replace(bs, max_concurrent_steps=stages)
 
 
@@ -95,8 +107,8 @@ def _check_supported(x, q: QArray, compute_dtype,
                      block_sizes: BlockSizes = BlockSizes()) -> BlockSizes:
     """The block sizes the kernel will use for these inputs, or NotImplementedError."""
     k, n = q.shape
-    block_sizes = _fit_tile_k(k, q.block_size, block_sizes)
     m = int(np.prod(x.shape[:-1]))
+    block_sizes = _fit_tile_k(k, q.block_size, block_sizes, _pad_tokens(m))
     why = None
     if q.qtype not in ("nf4", "fp4", "int4") or q.zero_point is not None:
         why = f"qtype {q.qtype!r} (zero_point={q.zero_point is not None})"
@@ -107,7 +119,7 @@ def _check_supported(x, q: QArray, compute_dtype,
     elif k % block_sizes.tile_k or n % TILE_N:
         why = f"shape K={k}, N={n} (needs K % {block_sizes.tile_k} == 0 and N % {TILE_N} == 0)"
     elif m > MAX_TOKENS:
-        why = f"{m} tokens (the small-batch kernel takes up to {MAX_TOKENS})"
+        why = f"{m} tokens (the kernel takes up to {MAX_TOKENS})"
     if why:
         raise NotImplementedError(f"qmatmul_mgpu does not handle {why}")
     return _fit_stages(block_sizes, _pad_tokens(m))
@@ -242,7 +254,7 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
         nested_block = nested.block_size
     else:
         consts, nested_block = [q.scale.reshape(n, k // q.block_size)], None
-    splits = _k_splits(k, n, block_sizes)
+    splits = _k_splits(k, n, m_pad, block_sizes)
     kernel = functools.partial(
         _kernel, k=k, m_pad=m_pad, block_size=q.block_size, nested_block=nested_block,
         values=codebooks.QTYPES[q.qtype].values, compute_dtype=np.dtype(compute_dtype),

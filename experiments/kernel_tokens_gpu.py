@@ -1,0 +1,75 @@
+"""The qmatmul kernel past 64 tokens (session 4): step length and pipeline stages at 64-128 tokens.
+
+    PYTHONPATH=. python3 experiments/kernel_tokens_gpu.py
+Each variant (tile_k, stages) bypasses the kernel's own fitting, is checked against the XLA path on
+fresh inputs, then timed with CUPTI over 4 rotating weight sets (NF4 + DQ, block 64, bf16, whole
+call); the XLA path and the bf16 dot are timed in the same run.
+"""
+
+import os
+import statistics
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.mosaic.gpu import profiler
+
+import jaxquant as jq
+from jaxquant._src.kernels import qmatmul_mgpu as K
+
+# (tile_k, pipeline stages, split-K ways or None, probe): VARIANTS="128,2,1,;128,2,2,;128,2,,load"
+VARIANTS = [tuple(int(f) if f.isdigit() else (f or None) for f in v.split(","))
+            for v in os.environ.get("VARIANTS", "128,2,,;128,3,,;256,2,,;64,4,,;64,6,,").split(";")]
+TOKENS = [int(t) for t in os.environ.get("TOKENS", "64,96,128").split(",")]
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+
+
+def timed(f, sets):
+    run = jax.jit(lambda sets: [f(*a) for a in sets])
+    jax.block_until_ready(run(sets))
+    _, ms = profiler.measure(run, iterations=10)(sets)
+    return statistics.median(ms) / len(sets) * 1e3
+
+
+def fixed(tile_k, stages, splits=None, probe=None):
+    """The kernel with exactly these block sizes (its fitting of steps and stages bypassed)."""
+    bs = K.BlockSizes(tile_k=tile_k, max_concurrent_steps=stages, k_splits=splits,
+                      probe=probe or "")
+    fit_k, fit_stages = K._fit_tile_k, K._fit_stages
+
+    def call(x, q):
+        K._fit_tile_k, K._fit_stages = (lambda k, b, bs, m: bs), (lambda bs, m: bs)
+        try:
+            return K.qmatmul.__wrapped__(x, q, block_sizes=bs)
+        finally:
+            K._fit_tile_k, K._fit_stages = fit_k, fit_stages
+    return call
+
+
+def rel_err(out, ref):
+    out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+for k, n in SHAPES:
+    ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) * 0.02 for i in range(4)]
+    qs = [jq.quantize(w, "nf4", 64, axis=0, double_quant=True, check_finite=False) for w in ws]
+    for m in TOKENS:
+        xs = [jax.random.normal(jax.random.key(50 + i), (m, k), jnp.bfloat16) for i in range(4)]
+        ref = jq.qmatmul(xs[0], qs[0], implementation="xla")
+        bf16 = timed(lambda x, w: x @ w, list(zip(xs, ws)))
+        xla = timed(lambda x, q: jq.qmatmul(x, q, implementation="xla"), list(zip(xs, qs)))
+        line = f"K={k:<5} N={n:<5} M={m:<3} bf16 {bf16:6.1f} | xla {xla:6.1f} ({bf16 / xla:.2f}x)"
+        variants = [("default", lambda x, q: K.qmatmul(x, q))]
+        variants += [("k{}/s{}{}{}".format(t, s, f"/x{sp}" if sp else "", f"/{p}" if p else ""),
+                      fixed(t, s, sp, p)) for t, s, sp, p in VARIANTS]
+        for name, f in variants:
+            try:
+                err = rel_err(jax.jit(f)(xs[0], qs[0]), ref)
+                if err > 1e-2 and not name.endswith(("/load", "/noconst")):
+                    raise AssertionError(f"wrong result: relative error {err:.1e}")
+                us = timed(f, list(zip(xs, qs)))
+                line += f" | {name} {us:5.1f} ({bf16 / us:.2f}x)"
+            except Exception as e:  # a variant that fails to compile is a finding
+                line += f" | {name} failed: {type(e).__name__}: {str(e)[:60]}"
+        print(line, flush=True)
