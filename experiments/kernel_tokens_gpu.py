@@ -16,9 +16,10 @@ from jax.experimental.mosaic.gpu import profiler
 import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu as K
 
-# (tile_k, pipeline stages, split-K ways or None, probe): VARIANTS="128,2,1,;128,2,2,;128,2,,load"
-VARIANTS = [tuple(int(f) if f.isdigit() else (f or None) for f in v.split(","))
-            for v in os.environ.get("VARIANTS", "128,2,,;128,3,,;256,2,,;64,4,,;64,6,,").split(";")]
+# each variant: k<tile_k> s<stages> [x<split-K ways>] [w<compute warpgroups>] [p<probe>],
+# e.g. VARIANTS="k128 s2 x1;k128 s4 w2;k128 s2 pload"
+VARIANTS = os.environ.get("VARIANTS", "k128 s2;k128 s3;k256 s2;k64 s4;k64 s6").split(";")
+FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs", p="probe")
 TOKENS = [int(t) for t in os.environ.get("TOKENS", "64,96,128").split(",")]
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 
@@ -30,10 +31,10 @@ def timed(f, sets):
     return statistics.median(ms) / len(sets) * 1e3
 
 
-def fixed(tile_k, stages, splits=None, probe=None):
+def fixed(variant):
     """The kernel with exactly these block sizes (its fitting of steps and stages bypassed)."""
-    bs = K.BlockSizes(tile_k=tile_k, max_concurrent_steps=stages, k_splits=splits,
-                      probe=probe or "")
+    bs = K.BlockSizes(**{FIELDS[f[0]]: f[1:] if f[0] == "p" else int(f[1:])
+                         for f in variant.split()})
     fit_k, fit_stages = K._fit_tile_k, K._fit_stages
 
     def call(x, q):
@@ -61,12 +62,11 @@ for k, n in SHAPES:
         xla = timed(lambda x, q: jq.qmatmul(x, q, implementation="xla"), list(zip(xs, qs)))
         line = f"K={k:<5} N={n:<5} M={m:<3} bf16 {bf16:6.1f} | xla {xla:6.1f} ({bf16 / xla:.2f}x)"
         variants = [("default", lambda x, q: K.qmatmul(x, q))]
-        variants += [("k{}/s{}{}{}".format(t, s, f"/x{sp}" if sp else "", f"/{p}" if p else ""),
-                      fixed(t, s, sp, p)) for t, s, sp, p in VARIANTS]
+        variants += [(v, fixed(v)) for v in VARIANTS]
         for name, f in variants:
             try:
                 err = rel_err(jax.jit(f)(xs[0], qs[0]), ref)
-                if err > 1e-2 and not name.endswith(("/load", "/noconst")):
+                if err > 1e-2 and " p" not in name:
                     raise AssertionError(f"wrong result: relative error {err:.1e}")
                 us = timed(f, list(zip(xs, qs)))
                 line += f" | {name} {us:5.1f} ({bf16 / us:.2f}x)"
