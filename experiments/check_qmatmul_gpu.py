@@ -14,7 +14,8 @@ rng = np.random.default_rng(7)
 worst = 0.0
 for qtype, dq, lead, k, n in [("nf4", True, (1,), 4096, 512), ("nf4", False, (3,), 1024, 192),
                               ("fp4", True, (17,), 2048, 320), ("int4", False, (2, 5), 512, 128),
-                              ("nf4", True, (32,), 14336, 256), ("nf4", True, (2, 16), 768, 64)]:
+                              ("nf4", True, (32,), 14336, 256), ("nf4", True, (2, 16), 768, 64),
+                              ("nf4", True, (100,), 4096, 256), ("fp4", False, (2, 64), 1024, 128)]:
     for heavy in (False, True):
         w = rng.standard_normal((k, n)).astype(np.float32) * 0.02
         if heavy:

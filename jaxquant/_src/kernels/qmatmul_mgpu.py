@@ -38,7 +38,6 @@ class BlockSizes:
     max_concurrent_steps: int = 4  # at most: fewer when the steps' buffers pass STAGE_BUDGET
     k_splits: int | None = None  # split-K: CTAs per output tile; None picks enough to fill the GPU
     target_ctas: int | None = None  # None: 528 (4 per SM) up to 32 tokens, 256 beyond
-    compute_wgs: int = 1  # warpgroups per CTA sharing x: 1 (plain pipeline) or 2, 4 (+1 for copies)
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads
 
 
@@ -51,7 +50,7 @@ def _k_splits(k: int, n: int, m_pad: int, bs: BlockSizes) -> int:
     if bs.k_splits:
         return bs.k_splits
     target = bs.target_ctas or (528 if m_pad <= 32 else 256)
-    steps, tiles = k // bs.tile_k, n // (TILE_N * bs.compute_wgs)
+    steps, tiles = k // bs.tile_k, n // TILE_N
     best = 1
     for s in range(1, steps // 2 + 1):
         if steps % s == 0 and tiles * s <= 2 * target:
@@ -117,9 +116,8 @@ def _check_supported(x, q: QArray, compute_dtype,
         why = f"compute dtype {np.dtype(compute_dtype)}"
     elif q.block_size % 64 or block_sizes.tile_k % q.block_size and q.block_size % block_sizes.tile_k:
         why = f"block_size {q.block_size} (needs a multiple of 64)"
-    elif k % block_sizes.tile_k or n % (TILE_N * block_sizes.compute_wgs):
-        why = (f"shape K={k}, N={n} (needs K % {block_sizes.tile_k} == 0 and "
-               f"N % {TILE_N * block_sizes.compute_wgs} == 0)")
+    elif k % block_sizes.tile_k or n % TILE_N:
+        why = f"shape K={k}, N={n} (needs K % {block_sizes.tile_k} == 0 and N % {TILE_N} == 0)"
     elif m > MAX_TOKENS:
         why = f"{m} tokens (the kernel takes up to {MAX_TOKENS})"
     if why:
@@ -138,15 +136,15 @@ def _decode_chunk(codes, scale, chunk, values, dtype):
     return decode(codes, scale)
 
 
-def _step_constants(consts_gmem, dq_gmem, tile, first_block, *, blocks, row_length, nested_block,
+def _step_constants(consts_gmem, dq_gmem, ni, first_block, *, blocks, row_length, nested_block,
                     interpret):
     """The float32 constants of a step's ``blocks`` blocks for this tile's 64 rows: a list of
     (64,) arrays. ``dq_gmem`` = (dynamic8 table, nested scales, offset) or () for plain float32."""
-    window = consts_gmem.at[pl.ds(tile * TILE_N, TILE_N), pl.ds(first_block, blocks)]
+    window = consts_gmem.at[pl.ds(ni * TILE_N, TILE_N), pl.ds(first_block, blocks)]
     if interpret:
         table, nested, offset = (ref[...] for ref in dq_gmem) if dq_gmem else (None,) * 3
         values = block_constants.reference(
-            window[...], table, nested, offset, tile_row=tile * TILE_N, first_block=first_block,
+            window[...], table, nested, offset, tile_row=ni * TILE_N, first_block=first_block,
             row_length=row_length, nested_block=nested_block)
         return [values[:, j] for j in range(blocks)]
 
@@ -163,7 +161,6 @@ def _step_constants(consts_gmem, dq_gmem, tile, first_block, *, blocks, row_leng
 def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested_block, values,
             compute_dtype, bs: BlockSizes, splits: int, interpret: bool):
     *dq_gmem, out_gmem = refs
-    wgs = bs.compute_wgs
     ni = lax.axis_index("n")
     si = lax.axis_index("s")
     steps = k // bs.tile_k // splits  # pipeline steps of this CTA's share of K
@@ -172,11 +169,8 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested
     chunk = nibble_lut.CHUNK
     blocks = max(1, bs.tile_k // block_size)  # constants per row per step
 
-    def tile():  # which 64 output features this warpgroup computes
-        return ni * wgs + lax.axis_index("wg") if wgs > 1 else ni
-
     def constants(kk):
-        return _step_constants(consts_gmem, dq_gmem, tile(), (first + kk) * bs.tile_k // block_size,
+        return _step_constants(consts_gmem, dq_gmem, ni, (first + kk) * bs.tile_k // block_size,
                                blocks=blocks, row_length=k // block_size,
                                nested_block=nested_block, interpret=interpret)
 
@@ -186,8 +180,6 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested
             return consts
         next_consts = (consts if bs.probe == "noconst"
                        else constants(lax.min(idx[0] + 1, steps - 1)))
-        if wgs > 1:  # the warpgroups share x and decode their own rows of the codes
-            codes_smem = codes_smem.at[pl.ds(lax.axis_index("wg") * TILE_N, TILE_N)]
         if not interpret:
             codes = plgpu.load(codes_smem, layout=plgpu.Layout.WGMMA)
         for j in range(bs.tile_k // chunk):
@@ -209,66 +201,36 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested
     codes_swizzle = plgpu.find_swizzle(words * 32)
     codes_transforms = (plgpu.TilingTransform((8, codes_swizzle // 4)),
                         plgpu.SwizzleTransform(codes_swizzle))
-    in_specs = [
-        plgpu.BlockSpec((wgs * TILE_N, words), lambda kk: (ni, first + kk),
-                        transforms=codes_transforms),
-        plgpu.BlockSpec((m_pad, bs.tile_k), lambda kk: (0, first + kk), transforms=x_transforms),
-    ]
 
-    def store(acc, out_smem):
-        out_smem[...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, pl.ds(tile() * TILE_N, TILE_N)])
-        plgpu.wait_smem_to_gmem(0)
+    def acc_scope(acc_ref, a_smem=None):
+        plgpu.emit_pipeline(
+            lambda idx, codes, x, carry: step(idx, codes, x, carry, acc_ref, a_smem),
+            grid=(steps,),
+            in_specs=[
+                plgpu.BlockSpec((TILE_N, words), lambda kk: (ni, first + kk),
+                                transforms=codes_transforms),
+                plgpu.BlockSpec((m_pad, bs.tile_k), lambda kk: (0, first + kk),
+                                transforms=x_transforms),
+            ],
+            max_concurrent_steps=bs.max_concurrent_steps,
+            init_carry=constants(0),
+        )(words_gmem, x_gmem)
+        return acc_ref[...]
 
     acc_type = plgpu.ACC((TILE_N, m_pad))
-    a_type = plgpu.SMEM((wgs, TILE_N, chunk), compute_dtype)  # the interpreter's wgmma operand
-    if wgs == 1:
-        def acc_scope(acc_ref, a_smem=None):
-            plgpu.emit_pipeline(
-                lambda idx, codes, x, carry: step(idx, codes, x, carry, acc_ref, a_smem),
-                grid=(steps,), in_specs=in_specs, max_concurrent_steps=bs.max_concurrent_steps,
-                init_carry=constants(0),
-            )(words_gmem, x_gmem)
-            return acc_ref[...]
+    if interpret:  # the interpreter allocates registers and shared memory in separate scopes
+        acc = pl.run_scoped(lambda a_smem: pl.run_scoped(
+            functools.partial(acc_scope, a_smem=a_smem), acc_type),
+            plgpu.SMEM((TILE_N, chunk), compute_dtype))
+    else:
+        acc = pl.run_scoped(acc_scope, acc_type)
 
-        if interpret:  # the interpreter allocates registers and shared memory in separate scopes
-            acc = pl.run_scoped(lambda a_smem: pl.run_scoped(
-                functools.partial(acc_scope, a_smem=a_smem.at[0]), acc_type), a_type)
-        else:
-            acc = pl.run_scoped(acc_scope, acc_type)
-        pl.run_scoped(functools.partial(store, acc), plgpu.SMEM((TILE_N, m_pad), jnp.float32))
-        return
-
-    # Several compute warpgroups share each step's x tile (a quarter of the L2 -> SMEM traffic
-    # of x at 4 warpgroups); a memory warpgroup issues the copies (warp specialization).
-    def pipeline(body, context):
-        return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
-            num_compute_wgs=wgs, max_concurrent_steps=bs.max_concurrent_steps,
-            compute_context=context)
-
-    ignore = lambda *_, **__: None
-    scratch = dict(allocs=pipeline(ignore, ignore).get_allocations(words_gmem, x_gmem),
-                   out_smem=plgpu.SMEM((wgs, TILE_N, m_pad), jnp.float32))
-    if interpret:
-        scratch["a_smem"] = a_type
-
-    @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
-    def _scope(allocs, out_smem, a_smem=None):
-        wg = lax.axis_index("wg")
-        a_smem = None if a_smem is None else a_smem.at[wg]
-
-        def context(run_pipeline):
-            @functools.partial(pl.run_scoped, acc_ref=acc_type)
-            def _acc(acc_ref):
-                cell["acc"] = acc_ref
-                run_pipeline(constants(0))
-                store(acc_ref[...], out_smem.at[wg])
-
-        cell = {}
-        body = lambda idx, codes, x, carry: step(idx, codes, x, carry, cell["acc"], a_smem)
-        pipeline(body, context)(words_gmem, x_gmem, allocations=allocs)
+    @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((TILE_N, m_pad), jnp.float32))
+    def _store(out_smem):
+        out_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, pl.ds(ni * TILE_N, TILE_N)])
+        plgpu.wait_smem_to_gmem(0)
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "interpret", "block_sizes"))
@@ -299,9 +261,7 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
         bs=block_sizes, splits=splits, interpret=interpret)
     call = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32),
-        grid=(n // (TILE_N * block_sizes.compute_wgs), splits), grid_names=("n", "s"),
-        **(dict(num_threads=block_sizes.compute_wgs + 1, thread_name="wg")
-           if block_sizes.compute_wgs > 1 else {}),
+        grid=(n // TILE_N, splits), grid_names=("n", "s"),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
     out_t = call(words, xp, *consts).sum(0)  # split-K partial sums
     return out_t[:, :m].T.reshape(*lead, n).astype(x.dtype)
