@@ -1,9 +1,12 @@
 """qmatmul on one GPU: the Pallas kernel vs the XLA bf16 dot and XLA dequantize-then-dot.
 
-NF4 + double quant, block 64, bf16; also FP4 and int4 at 4096x14336. qwix and bitsandbytes are
-not installed on the device (torch alone exceeds what a device call carries): no columns.
+NF4 + double quant, block 64, bf16; also FP4 and int4 at 4096x14336. When importable, also qwix
+0.1.8 (weight-only PTQ of an `nn.Dense`, tile 64; nf4 and int4) and bitsandbytes 0.50.2
+(`matmul_4bit` on `quantize_4bit(..., compress_statistics=True)`, the torch on the device; nf4
+and fp4), timed on the same weights (bitsandbytes with CUDA events over the same rotation).
 
     PYTHONPATH=. python3 experiments/bench_qmatmul.py [--quick]
+    (device: carry the qwix and bitsandbytes wheels and install them with --no-deps --target)
 Prints microseconds and ratios, and writes experiments/results/bench_qmatmul_<device>.json with
 the device, JAX version and commit. Kernel time is read with CUPTI; each measured call cycles
 through distinct weight sets (more bytes than the 50 MB L2), as ANCHORS.md was measured.
@@ -18,8 +21,11 @@ import os
 import pathlib
 import statistics
 
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", ".5")  # leave torch room for bitsandbytes
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.mosaic.gpu import profiler
 
 import jaxquant as jq
@@ -35,6 +41,51 @@ def per_call_us(f, sets, iterations=10):
     jax.block_until_ready(run_all(sets))
     _, times_ms = profiler.measure(run_all, iterations=iterations)(sets)
     return statistics.median(times_ms) / len(sets) * 1e3
+
+
+def qwix_us(ws, xs, qtype):
+    """qwix's weight-only PTQ ``nn.Dense`` (it dequantizes through XLA), or None."""
+    try:
+        import flax.linen as nn
+        import qwix
+    except ImportError:
+        return None
+    weight_qtype = {"nf4": "nf4", "int4": jnp.int4}.get(qtype)
+    if weight_qtype is None:
+        return None
+    n = ws[0].shape[1]
+    dense = nn.Dense(n, use_bias=False, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    rules = [qwix.QtRule(module_path=".*", weight_qtype=weight_qtype, tile_size=64)]
+    model = qwix.quantize_model(dense, qwix.PtqProvider(rules))
+    abstract = jax.eval_shape(model.init, jax.random.key(0), xs[0])["params"]
+    params = [qwix.quantize_params({"kernel": w}, abstract) for w in ws]
+    return per_call_us(lambda x, p: model.apply({"params": p}, x), list(zip(xs, params)))
+
+
+def bnb_us(ws, xs, qtype, iterations=20):
+    """bitsandbytes' ``matmul_4bit`` (NF4/FP4, double-quantized absmax), or None."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+    except ImportError:
+        return None
+    if qtype not in ("nf4", "fp4"):
+        return None
+    to_torch = lambda a: torch.from_numpy(np.asarray(a.astype(jnp.float32))).cuda().bfloat16()
+    packed = [bnb.functional.quantize_4bit(to_torch(w).t().contiguous(), blocksize=64,
+                                           quant_type=qtype, compress_statistics=True) for w in ws]
+    xt = [to_torch(x) for x in xs]
+    run = lambda: [bnb.matmul_4bit(x, p.t(), quant_state=st) for x, (p, st) in zip(xt, packed)]
+    with torch.inference_mode():
+        run()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iterations):
+            run()
+        end.record()
+        torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iterations / len(ws)
 
 
 def main():
@@ -65,13 +116,19 @@ def main():
         row["kernel_us"] = per_call_us(lambda x, q: jq.qmatmul(x, q), list(zip(xs, qs)))
         row["speedup_vs_bf16"] = row["bf16_dot_us"] / row["kernel_us"]
         row["speedup_vs_xla_nf4"] = row["xla_nf4_us"] / row["kernel_us"]
+        for lib, timer in (("qwix", qwix_us), ("bnb", bnb_us)):
+            us = timer(ws, xs, qtype)
+            row[f"{lib}_us"] = us
+            row[f"speedup_vs_{lib}"] = us / row["kernel_us"] if us else None
         nbytes = jq.nbytes(qs[0]) + xs[0].nbytes + m * n * 2
         row["hbm_tb_s"] = nbytes / row["kernel_us"] / 1e6
         rows.append(row)
         print(f"K={k:<6} N={n:<6} {qtype:<4} M={m:<4} err={rel:.1e} bf16 {row['bf16_dot_us']:7.1f} us  "
               f"xla {row['xla_nf4_us']:7.1f}  auto {row['kernel_us']:7.1f}  "
               f"x{row['speedup_vs_bf16']:.2f} vs bf16  x{row['speedup_vs_xla_nf4']:.2f} vs xla  "
-              f"{row['hbm_tb_s']:.2f} TB/s  auto={used}", flush=True)
+              f"{row['hbm_tb_s']:.2f} TB/s  auto={used}" + "".join(
+                  f"  {lib} {row[f'{lib}_us']:.1f} (x{row[f'speedup_vs_{lib}']:.2f})"
+                  for lib in ("qwix", "bnb") if row[f"{lib}_us"]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     name = dev.device_kind.replace(" ", "_")
     (RESULTS / f"bench_qmatmul_{name}.json").write_text(json.dumps(dict(
