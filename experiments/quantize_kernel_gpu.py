@@ -1,0 +1,83 @@
+"""The single-pass Hopper quantize kernel on the GPU: bit-exactness, then speed vs the XLA path.
+
+    PYTHONPATH=. python3 experiments/quantize_kernel_gpu.py
+1. Codes and float32 absmax of the kernel against the XLA path run on the CPU, on inputs with an
+   all-zero block, a block of tiny values, heavy tails and values on the code midpoints; and the
+   whole NF4 + double-quant QArray on the GPU against the CPU's.
+2. CUPTI time over 4 rotating bf16 inputs (more than the L2): the kernel alone, `jq.quantize`
+   NF4 + DQ (kernel + XLA's nested step), the XLA path alone (kernel switched off), and a one-pass
+   copy (`x + 1`); bandwidth = bytes read + written over time.
+"""
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.mosaic.gpu import profiler
+
+import jaxquant as jq
+from jaxquant._src import codebooks
+from jaxquant._src.kernels import quantize_mgpu as QK
+
+cpu = jax.devices("cpu")[0]
+rng = np.random.default_rng(0)
+
+
+def awkward(shape):
+    x = rng.standard_normal(shape).astype(np.float32).reshape(-1)
+    x[:64] = 0
+    x[64:128] *= 1e-30
+    x[128:192] *= np.where(rng.random(64) < 0.1, 40.0, 1.0)
+    mids = np.concatenate([codebooks.get_qtype(t).midpoints for t in ("nf4", "fp4")])
+    x[192:192 + len(mids)] = mids * 4.0
+    x[192 + 63] = 4.0
+    return np.asarray(jnp.asarray(x.reshape(shape), jnp.bfloat16))
+
+
+for shape in [(64, 512), (3, 4096), (4096, 14336)]:
+    x = awkward(shape)
+    for qtype in ("nf4", "fp4"):
+        codes, absmax = QK.quantize_blocks(jnp.asarray(x), qtype)
+        ref = jq.quantize(jax.device_put(x, cpu), qtype, 64)
+        same = (np.array_equal(np.asarray(codes), np.asarray(ref.codes).reshape(-1))
+                and np.array_equal(np.asarray(absmax).view(np.uint32),
+                                   np.asarray(ref.scale).reshape(-1).view(np.uint32)))
+        print(f"{shape} {qtype}: kernel == CPU XLA path: {same}", flush=True)
+        assert same
+    q, ref = jq.quantize(jnp.asarray(x), "nf4", 64, double_quant=True), \
+        jq.quantize(jax.device_put(x, cpu), "nf4", 64, double_quant=True)
+    assert np.array_equal(np.asarray(q.codes), np.asarray(ref.codes))
+    assert np.array_equal(np.asarray(q.scale.codes), np.asarray(ref.scale.codes))
+    print(f"{shape} nf4 + DQ QArray: codes and nested codes == CPU; offset {float(q.scale.offset):.9g} "
+          f"vs {float(ref.scale.offset):.9g}", flush=True)
+
+
+def seconds(f, xs, iterations=10):
+    run = jax.jit(lambda xs: [f(x) for x in xs])
+    jax.block_until_ready(run(xs))
+    _, ms = profiler.measure(run, iterations=iterations)(xs)
+    return statistics.median(ms) / len(xs) / 1e3
+
+
+print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; TB/s = bytes read + written / time")
+for k, n in [(4096, 4096), (4096, 14336)]:
+    xs = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) for i in range(4)]
+    q = jq.quantize(xs[0], "nf4", 64, double_quant=True, check_finite=False)
+    in_bytes, out_bytes = xs[0].nbytes, jq.nbytes(q)
+    t_kernel = seconds(lambda x: QK.quantize_blocks(x, "nf4"), xs)
+    t_full = seconds(lambda x: jq.quantize(x, "nf4", 64, double_quant=True, check_finite=False), xs)
+    can_use, QK.can_use = QK.can_use, lambda *a: False
+    jax.clear_caches()
+    t_xla = seconds(lambda x: jq.quantize(x, "nf4", 64, double_quant=True, check_finite=False), xs)
+    QK.can_use = can_use
+    jax.clear_caches()
+    t_copy = seconds(lambda x: x + jnp.asarray(1, x.dtype), xs)
+    copy = 2 * in_bytes / t_copy / 1e12
+    kernel_bytes = in_bytes + n * k // 2 + n * k // 64 * 4
+    print(f"{k}x{n}: copy {copy:.2f} TB/s | kernel alone {t_kernel * 1e6:6.1f} us "
+          f"{kernel_bytes / t_kernel / 1e12:.2f} TB/s ({kernel_bytes / t_kernel / 1e12 / copy:.0%}) | "
+          f"quantize NF4+DQ {t_full * 1e6:6.1f} us {(in_bytes + out_bytes) / t_full / 1e12:.2f} TB/s "
+          f"({(in_bytes + out_bytes) / t_full / 1e12 / copy:.0%}) | XLA path {t_xla * 1e6:6.1f} us "
+          f"{(in_bytes + out_bytes) / t_xla / 1e12:.2f} TB/s ({(in_bytes + out_bytes) / t_xla / 1e12 / copy:.0%})",
+          flush=True)

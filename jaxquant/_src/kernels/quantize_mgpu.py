@@ -1,0 +1,121 @@
+"""Single-pass NF4 / FP4 blockwise quantize for Hopper (Pallas Mosaic GPU), bfloat16 input.
+
+XLA quantizes in two passes (a block reduction for the absmax, then the codes), so it reads the
+input twice; this kernel reads each tile once: per pipeline step, ``TILE_BLOCKS`` blocks of 64
+values come into shared memory, and the block absmax, the codes and the packed bytes are all
+computed in registers. The input is viewed as int32 words of two bfloat16 (even element in the
+low half), so that a word's two codes make one output byte without moving data between threads:
+``float32(bf16) = bits << 16``. The arithmetic is the XLA path's (``x * (1 / absmax)``, clipped,
+code = number of midpoints strictly below), so the bytes and constants are identical.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxquant._src import codebooks
+
+BLOCK = 64  # the kernel's block size (values per absmax)
+TILE_BLOCKS = 64  # blocks per pipeline step
+STEPS_PER_CTA = 8
+STAGES = 4
+
+
+def supports(x, qtype: str, block_size, zero_point: bool) -> bool:
+    """Whether the kernel applies (else the XLA path): bf16, NF4/FP4, block 64, whole tiles."""
+    return (x.dtype == jnp.bfloat16 and qtype in ("nf4", "fp4") and block_size == BLOCK
+            and not zero_point and x.size % (BLOCK * TILE_BLOCKS) == 0 and x.size > 0)
+
+
+def can_use(x, qtype: str, block_size, zero_point: bool) -> bool:
+    dev = jax.devices()[0]
+    return (supports(x, qtype, block_size, zero_point) and dev.platform == "gpu"
+            and getattr(dev, "compute_capability", "") == "9.0")
+
+
+def _codes(scaled, midpoints, order):
+    """Raw code of each scaled value: order[#midpoints strictly below], as a sum of steps."""
+    code = jnp.full(scaled.shape, int(order[0]), jnp.int32)
+    for m, step in zip(midpoints, np.diff(order.astype(np.int32))):
+        code = code + jnp.where(scaled > np.float32(m), np.int32(step), np.int32(0))
+    return code
+
+
+def _step(words_smem, codes_smem, absmax_smem, *, midpoints, order, interpret):
+    if interpret:
+        w = words_smem[...]
+    else:
+        w = plgpu.load(words_smem, layout=plgpu.Layout.WGMMA)
+    even_bits = lax.shift_left(w, np.int32(16))  # element 2i: the word's low half
+    odd_bits = w & np.int32(-65536)  # element 2i + 1: the high half, already in place
+    magnitude = jnp.maximum(even_bits & np.int32(0x7FFFFFFF), odd_bits & np.int32(0x7FFFFFFF))
+    absmax_bits = jnp.max(magnitude, axis=1)  # non-negative floats order like their bits
+    absmax = lax.bitcast_convert_type(absmax_bits, jnp.float32)
+    # a non-finite block's constant is NaN (its bits are >= those of inf)
+    absmax_smem[...] = jnp.where(absmax_bits < np.int32(0x7F800000), absmax, np.float32(np.nan))
+    inverse = np.float32(1) / jnp.maximum(absmax, np.float32(np.finfo(np.float32).tiny))
+    packed = None
+    for bits, shift in ((even_bits, 4), (odd_bits, 0)):
+        scaled = lax.bitcast_convert_type(bits, jnp.float32) * inverse[:, None]
+        scaled = jnp.minimum(jnp.maximum(scaled, np.float32(-1)), np.float32(1))
+        code = lax.shift_left(_codes(scaled, midpoints, order), np.int32(shift))
+        packed = code if packed is None else packed | code
+    codes_smem[...] = packed.astype(jnp.uint8)
+
+
+def _kernel(words_gmem, codes_gmem, absmax_gmem, *, steps, midpoints, order, interpret):
+    first = lax.axis_index("c") * steps
+    step = functools.partial(_step, midpoints=midpoints, order=order, interpret=interpret)
+
+    # results go out through two slots of shared memory, each copied to HBM while the next
+    # step computes (the pipeline's own out_specs use predicated copies the interpreter lacks)
+    @functools.partial(pl.run_scoped,
+                       codes_smem=plgpu.SMEM((2, TILE_BLOCKS, BLOCK // 2), jnp.uint8),
+                       absmax_smem=plgpu.SMEM((2, TILE_BLOCKS), jnp.float32))
+    def _scope(codes_smem, absmax_smem):
+        def body(idx, words):
+            s = idx[0]
+            slot = lax.rem(s, 2)
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's copy from s - 2
+            step(words, codes_smem.at[slot], absmax_smem.at[slot])
+            plgpu.commit_smem()
+            tile = pl.ds((first + s) * TILE_BLOCKS, TILE_BLOCKS)
+            plgpu.copy_smem_to_gmem(codes_smem.at[slot], codes_gmem.at[tile], commit_group=False)
+            plgpu.copy_smem_to_gmem(absmax_smem.at[slot], absmax_gmem.at[tile])
+
+        plgpu.emit_pipeline(
+            body, grid=(steps,),
+            in_specs=[plgpu.BlockSpec((TILE_BLOCKS, BLOCK // 2), lambda s: (first + s, 0))],
+            max_concurrent_steps=min(STAGES, steps),
+        )(words_gmem)
+        plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "interpret"))
+def quantize_blocks(x: jax.Array, qtype: str, interpret: bool = False):
+    """bf16 ``x`` (any shape, row-major blocks of 64) -> (packed uint8 codes ``(x.size // 2,)``,
+    float32 absmax ``(x.size // 64,)``), exactly as the XLA path computes them."""
+    if not supports(x, qtype, BLOCK, False):
+        raise NotImplementedError(f"quantize_mgpu does not handle {x.dtype} {x.shape} {qtype}")
+    qt = codebooks.get_qtype(qtype)
+    blocks = x.size // BLOCK
+    words = lax.bitcast_convert_type(x.reshape(blocks, BLOCK // 2, 2), jnp.int32)
+    tiles = blocks // TILE_BLOCKS
+    per_cta = STEPS_PER_CTA if tiles % STEPS_PER_CTA == 0 else 1
+    kernel = functools.partial(_kernel, steps=per_cta, midpoints=qt.midpoints,
+                               order=np.asarray(qt.sorted_order), interpret=interpret)
+    codes, absmax = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((blocks, BLOCK // 2), jnp.uint8),
+                  jax.ShapeDtypeStruct((blocks,), jnp.float32)),
+        grid=(tiles // per_cta,), grid_names=("c",),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )(words)
+    return codes.reshape(-1), absmax

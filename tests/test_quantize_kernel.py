@@ -1,0 +1,64 @@
+"""The single-pass Hopper quantize kernel, run by the Pallas GPU interpreter on CPU: bit-exact
+against the XLA path (codes and float32 absmax), and what it refuses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant as jq
+from jaxquant._src import codebooks
+from jaxquant._src.kernels import quantize_mgpu as QK
+
+
+def awkward(rng, shape):
+    """Normal values with an all-zero block, a block of tiny values, a heavy-tailed block and
+    values on NF4/FP4 cell edges (exact midpoints times a power of two)."""
+    x = rng.standard_normal(shape).astype(np.float32).reshape(-1)
+    x[:64] = 0
+    x[64:128] *= 1e-30
+    x[128:192] *= np.where(rng.random(64) < 0.1, 40.0, 1.0)
+    mids = np.concatenate([codebooks.get_qtype(t).midpoints for t in ("nf4", "fp4")])
+    x[192:192 + len(mids)] = mids * 4.0
+    x[192 + 63] = 4.0  # the block's absmax, so those values scale exactly onto the midpoints
+    return jnp.asarray(x.reshape(shape), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(64, 512), (3, 4096), (2, 8, 256)])  # 8 steps / 1 CTA; 3 CTAs
+def test_kernel_is_bit_exact_with_the_xla_path(qtype, shape, rng):
+    x = awkward(rng, shape)
+    codes, absmax = QK.quantize_blocks(x, qtype, interpret=True)
+    q = jq.quantize(x, qtype, 64)  # the XLA path on CPU
+    np.testing.assert_array_equal(np.asarray(codes), np.asarray(q.codes).reshape(-1))
+    np.testing.assert_array_equal(np.asarray(absmax).view(np.uint32),
+                                  np.asarray(q.scale).reshape(-1).view(np.uint32))
+
+
+def test_a_non_finite_block_gets_a_nan_constant(rng):
+    x = np.asarray(awkward(rng, (64, 64)), np.float32)
+    x[5, 3], x[9, 60] = np.nan, -np.inf
+    _, absmax = QK.quantize_blocks(jnp.asarray(x, jnp.bfloat16), "nf4", interpret=True)
+    absmax = np.asarray(absmax)
+    assert np.isnan(absmax[5]) and np.isnan(absmax[9]) and np.isfinite(np.delete(absmax, [5, 9])).all()
+
+
+@pytest.mark.parametrize("dtype,qtype,block,size", [
+    (jnp.float32, "nf4", 64, 4096), (jnp.bfloat16, "int4", 64, 4096), (jnp.bfloat16, "nf4", 128, 4096),
+    (jnp.bfloat16, "nf4", 64, 4096 + 64)])
+def test_refuses_what_it_does_not_handle(dtype, qtype, block, size):
+    x = jnp.ones((size,), dtype)
+    assert not QK.supports(x, qtype, block, False) and not QK.can_use(x, qtype, block, False)
+    if block == 64 and qtype == "nf4":
+        with pytest.raises(NotImplementedError, match="quantize_mgpu does not handle"):
+            QK.quantize_blocks(x, qtype, interpret=True)
+
+
+def test_not_used_off_hopper():
+    assert not QK.can_use(jnp.ones((4096,), jnp.bfloat16), "nf4", 64, False)  # CPU here
+
+
+def test_kernel_lowers_for_hopper(rng):
+    x = awkward(rng, (64, 512))
+    lowered = jax.jit(lambda x: QK.quantize_blocks(x, "nf4")).trace(x).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
