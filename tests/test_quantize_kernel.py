@@ -58,6 +58,20 @@ def test_not_used_off_hopper():
     assert not QK.can_use(jnp.ones((4096,), jnp.bfloat16), "nf4", 64, False)  # CPU here
 
 
+def test_cpu_arrays_on_a_hopper_machine_take_the_xla_path(monkeypatch, rng):
+    """The kernel is chosen when lowering for CUDA: a CPU-placed array still quantizes (through
+    XLA) when the process also has a Hopper GPU (found on the H100: a CPU reference failed)."""
+    monkeypatch.setattr(QK, "hopper_present", lambda: True)
+    jax.clear_caches()
+    x = awkward(rng, (8, 512))
+    q = jq.quantize(x, "nf4", 64, double_quant=True)
+    jax.clear_caches()
+    monkeypatch.undo()
+    ref = jq.quantize(x, "nf4", 64, double_quant=True)
+    np.testing.assert_array_equal(q.codes, ref.codes)
+    np.testing.assert_array_equal(q.scale.codes, ref.scale.codes)
+
+
 def test_kernel_lowers_for_hopper(rng):
     x = awkward(rng, (64, 512))
     lowered = jax.jit(lambda x: QK.quantize_blocks(x, "nf4")).trace(x).lower(lowering_platforms=("cuda",))

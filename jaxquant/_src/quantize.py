@@ -199,17 +199,23 @@ def _quantize(x: jax.Array, cfg: QuantConfig) -> QArray:
     rows = _to_rows(x, cfg.axis)
     length = rows.shape[-1]
     block_size = cfg.block_size or max(length, 1)
-    if (cfg.axis is None or cfg.axis == x.ndim - 1 and length % block_size == 0) and \
-            quantize_mgpu.can_use(x, cfg.qtype, block_size, cfg.zero_point):
-        # one pass on Hopper; blocks never straddle rows here, so rows are the flattening's
-        codes, scale = quantize_mgpu.quantize_blocks(x, cfg.qtype)
-        codes, scale = (a.reshape(*rows.shape[:-1], -1) for a in (codes, scale))
-        zero_point = None
-    else:
-        blocks = _to_blocks(rows.astype(jnp.float32), block_size)
+
+    def xla_path(x):
+        blocks = _to_blocks(_to_rows(x, cfg.axis).astype(jnp.float32), block_size)
         code, scale, zero_point = _quantize_blocks(blocks, length, block_size, cfg)
         raw = (code & (2**qt.bits - 1)).astype(jnp.uint8).reshape(*rows.shape[:-1], code.shape[-2] * block_size)[..., :length]
         codes = _pack_rows(raw, qt.zero_code) if qt.bits == 4 else raw.astype(jnp.uint8)
+        return codes, scale, zero_point
+
+    def kernel_path(x):  # one pass on Hopper; blocks never straddle rows here
+        codes, scale = quantize_mgpu.quantize_blocks(x, cfg.qtype)
+        return codes.reshape(*rows.shape[:-1], -1), scale.reshape(*rows.shape[:-1], -1), None
+
+    if (cfg.axis is None or cfg.axis == x.ndim - 1 and length % block_size == 0) and \
+            quantize_mgpu.can_use(x, cfg.qtype, block_size, cfg.zero_point):
+        codes, scale, zero_point = quantize_mgpu.or_xla(kernel_path, xla_path, x)
+    else:
+        codes, scale, zero_point = xla_path(x)
     if cfg.double_quant:
         scale = _quantize_nested(scale, cfg.nested_block_size)
     return QArray(codes, scale, zero_point, None, shape=tuple(x.shape), dtype=np.dtype(x.dtype),
