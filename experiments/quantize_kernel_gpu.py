@@ -73,9 +73,11 @@ for k, n in [(4096, 4096), (4096, 14336)]:
     in_bytes, out_bytes = xs[0].nbytes, jq.nbytes(q)
     t_kernel = seconds(lambda x: QK.quantize_blocks(x, "nf4"), xs)
     t_full = seconds(lambda x: jq.quantize(x, "nf4", 64, double_quant=True, check_finite=False), xs)
+    t_plain = seconds(lambda x: jq.quantize(x, "nf4", 64, check_finite=False), xs)  # ANCHORS' case
     can_use, QK.can_use = QK.can_use, lambda *a: False
     jax.clear_caches()
     t_xla = seconds(lambda x: jq.quantize(x, "nf4", 64, double_quant=True, check_finite=False), xs)
+    t_xla_plain = seconds(lambda x: jq.quantize(x, "nf4", 64, check_finite=False), xs)
     QK.can_use = can_use
     jax.clear_caches()
     t_copy = seconds(lambda x: x + jnp.asarray(1, x.dtype), xs)
@@ -92,5 +94,6 @@ for k, n in [(4096, 4096), (4096, 14336)]:
           f"{kernel_bytes / t_kernel / 1e12:.2f} TB/s ({kernel_bytes / t_kernel / 1e12 / copy:.0%}) | "
           f"quantize NF4+DQ {t_full * 1e6:6.1f} us {(in_bytes + out_bytes) / t_full / 1e12:.2f} TB/s "
           f"({(in_bytes + out_bytes) / t_full / 1e12 / copy:.0%}) | XLA path {t_xla * 1e6:6.1f} us "
-          f"{(in_bytes + out_bytes) / t_xla / 1e12:.2f} TB/s ({(in_bytes + out_bytes) / t_xla / 1e12 / copy:.0%})",
-          flush=True)
+          f"{(in_bytes + out_bytes) / t_xla / 1e12:.2f} TB/s ({(in_bytes + out_bytes) / t_xla / 1e12 / copy:.0%})"
+          f" | NF4 without DQ: quantize {t_plain * 1e6:.1f} us ({kernel_bytes / t_plain / 1e12 / copy:.0%}), "
+          f"XLA path {t_xla_plain * 1e6:.1f} us ({kernel_bytes / t_xla_plain / 1e12 / copy:.0%})", flush=True)
