@@ -97,3 +97,19 @@ for k, n in [(4096, 4096), (4096, 14336)]:
           f"{(in_bytes + out_bytes) / t_xla / 1e12:.2f} TB/s ({(in_bytes + out_bytes) / t_xla / 1e12 / copy:.0%})"
           f" | NF4 without DQ: quantize {t_plain * 1e6:.1f} us ({kernel_bytes / t_plain / 1e12 / copy:.0%}), "
           f"XLA path {t_xla_plain * 1e6:.1f} us ({kernel_bytes / t_xla_plain / 1e12 / copy:.0%})", flush=True)
+
+# tile variants (kernel alone, 4096x14336): blocks per step, steps per CTA, pipeline stages
+xs = [jax.random.normal(jax.random.key(i), (4096, 14336), jnp.bfloat16) for i in range(4)]
+kernel_bytes = xs[0].nbytes * 5 // 4 + xs[0].size // 16
+ref_codes = np.asarray(jq.quantize(jax.device_put(xs[0], cpu), "nf4", 64).codes)
+for tile, steps, stages in [(64, 8, 4), (128, 4, 4), (128, 8, 2), (64, 16, 2), (192, 4, 3)]:
+    QK.TILE_BLOCKS, QK.STEPS_PER_CTA, QK.STAGES = tile, steps, stages
+    jax.clear_caches()
+    try:
+        codes, absmax = QK.quantize_blocks(xs[0], "nf4")
+        ok = np.array_equal(np.asarray(codes), ref_codes)
+        t = seconds(lambda x: QK.quantize_blocks(x, "nf4"), xs)
+        print(f"tile {tile} blocks, {steps} steps/CTA, {stages} stages: {t * 1e6:6.1f} us "
+              f"({kernel_bytes / t / 1e12:.2f} TB/s), codes == CPU: {ok}", flush=True)
+    except Exception as e:  # noqa: BLE001 (a variant that fails to compile is a finding)
+        print(f"tile {tile} blocks, {steps} steps/CTA, {stages} stages: {type(e).__name__}: {str(e)[:100]}")
