@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from jaxquant._src.kernels import platform
 from jaxquant._src.kernels import qmatmul_mgpu as K
 
 
@@ -88,6 +89,17 @@ def test_gradient_through_the_kernel_path(rng):
 def test_kernel_is_not_used_off_hopper(rng):
     q = make(rng, 256, 64)
     assert not K.can_use(jnp.ones((1, 256), jnp.bfloat16), q, jnp.bfloat16)  # CPU here
+
+
+def test_auto_lowers_cpu_arrays_to_xla_on_a_hopper_machine(monkeypatch, rng):
+    """auto picks the kernel when lowering for CUDA only: CPU-placed arrays on a machine that
+    also has an H100 run the XLA path instead of failing to lower the kernel for the CPU."""
+    q = make(rng, 512, 64)
+    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.bfloat16)
+    monkeypatch.setattr(platform, "hopper_present", lambda: True)
+    assert K.can_use(x, q, jnp.bfloat16)
+    out = jax.jit(lambda x, q: jq.qmatmul(x, q))(x, q)
+    np.testing.assert_array_equal(out, jq.qmatmul(x, q, implementation="xla"))
 
 
 @pytest.mark.parametrize("m,qtype,dq", [(1, "nf4", True), (16, "fp4", False), (32, "int4", False),

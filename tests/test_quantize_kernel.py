@@ -8,6 +8,7 @@ import pytest
 
 import jaxquant as jq
 from jaxquant._src import codebooks
+from jaxquant._src.kernels import platform
 from jaxquant._src.kernels import quantize_mgpu as QK
 
 
@@ -62,7 +63,7 @@ def test_not_used_off_hopper():
 def test_cpu_arrays_on_a_hopper_machine_take_the_xla_path(monkeypatch, rng):
     """The kernel is chosen when lowering for CUDA: a CPU-placed array still quantizes (through
     XLA) when the process also has a Hopper GPU (found on the H100: a CPU reference failed)."""
-    monkeypatch.setattr(QK, "hopper_present", lambda: True)
+    monkeypatch.setattr(platform, "hopper_present", lambda: True)
     jax.clear_caches()
     x = awkward(rng, (8, 512))
     q = jq.quantize(x, "nf4", 64, double_quant=True)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant._src import codebooks
-from jaxquant._src.kernels import quantize_mgpu
+from jaxquant._src.kernels import platform, quantize_mgpu
 from jaxquant._src.qarray import QArray, blocked_shape, validate
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -213,7 +213,7 @@ def _quantize(x: jax.Array, cfg: QuantConfig) -> QArray:
 
     if (cfg.axis is None or cfg.axis == x.ndim - 1 and length % block_size == 0) and \
             quantize_mgpu.can_use(x, cfg.qtype, block_size, cfg.zero_point):
-        codes, scale, zero_point = quantize_mgpu.or_xla(kernel_path, xla_path, x)
+        codes, scale, zero_point = platform.kernel_or_xla("cuda", kernel_path, xla_path, x)
     else:
         codes, scale, zero_point = xla_path(x)
     if cfg.double_quant:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 
 from jaxquant._src import matmul
+from jaxquant._src.kernels import platform
 
 
 def qmatmul_kernel(x, q, *, implementation: str, interpret: bool, compute_dtype):
@@ -16,8 +17,17 @@ def qmatmul_kernel(x, q, *, implementation: str, interpret: bool, compute_dtype)
             from jaxquant._src.kernels import qmatmul_tpu as kernel
         else:
             from jaxquant._src.kernels import qmatmul_mgpu as kernel
-        if interpret or kernel.can_use(x, q, compute_dtype):
-            return kernel.qmatmul(x, q, compute_dtype=compute_dtype, interpret=interpret)
+        if interpret:
+            return kernel.qmatmul(x, q, compute_dtype=compute_dtype, interpret=True)
+        if kernel.can_use(x, q, compute_dtype):
+            run = lambda x, q: kernel.qmatmul(x, q, compute_dtype=compute_dtype)
+            if raise_or_fallback:
+                return run(x, q)
+            # auto: the kernel only where this is lowered for its platform (CPU-placed arrays on
+            # a GPU machine take XLA)
+            return platform.kernel_or_xla(
+                "tpu" if jax.default_backend() == "tpu" else "cuda", run,
+                lambda x, q: matmul.qmatmul_xla(x, q, compute_dtype), x, q)
         raise NotImplementedError(f"no qmatmul kernel for {q!r} with x {x.dtype}{tuple(x.shape)} "
                                   f"on {jax.default_backend()}")
     except NotImplementedError:

@@ -27,7 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxquant._src import codebooks
 from jaxquant._src.qarray import QArray
-from jaxquant._src.kernels import block_constants, nibble_lut
+from jaxquant._src.kernels import block_constants, nibble_lut, platform
 
 TILE_N = 64  # output features per warpgroup: the wgmma M dimension
 
@@ -73,8 +73,7 @@ def can_use(x, q: QArray, compute_dtype) -> bool:
         _check_supported(x, q, compute_dtype)
     except NotImplementedError:
         return False
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+    return platform.hopper_present()
 
 
 def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, m_pad: int) -> BlockSizes:

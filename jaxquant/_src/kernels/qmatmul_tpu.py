@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from jaxquant._src import codebooks
+from jaxquant._src.kernels import platform
 from jaxquant._src.qarray import QArray
 from jaxquant._src.kernels.nibble_lut import select_decode
 from jaxquant._src.quantize import _constants
@@ -39,7 +40,7 @@ def can_use(x, q: QArray, compute_dtype) -> bool:
         _check_supported(x, q, compute_dtype)
     except NotImplementedError:
         return False
-    return jax.devices()[0].platform == "tpu"
+    return platform.tpu_present()
 
 
 def _check_supported(x, q: QArray, compute_dtype, bs: BlockSizes = BlockSizes()):

@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxquant._src import codebooks
+from jaxquant._src.kernels import platform
 
 BLOCK = 64  # the kernel's block size (values per absmax)
 TILE_BLOCKS = 64  # blocks per pipeline step
@@ -34,23 +35,8 @@ def supports(x, qtype: str, block_size, zero_point: bool) -> bool:
             and not zero_point and x.size % (BLOCK * TILE_BLOCKS) == 0 and x.size > 0)
 
 
-def hopper_present() -> bool:
-    """Whether this process has an sm90 GPU. Where a computation actually runs (an array placed
-    on the CPU of a GPU machine) is decided when it is lowered: see ``or_xla``."""
-    try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        return False
-    return any(getattr(d, "compute_capability", "") == "9.0" for d in gpus)
-
-
 def can_use(x, qtype: str, block_size, zero_point: bool) -> bool:
-    return supports(x, qtype, block_size, zero_point) and hopper_present()
-
-
-def or_xla(kernel, xla, *args):
-    """``kernel(*args)`` when lowered for CUDA, ``xla(*args)`` elsewhere."""
-    return lax.platform_dependent(*args, cuda=kernel, default=xla)
+    return supports(x, qtype, block_size, zero_point) and platform.hopper_present()
 
 
 def _pick(decided, table):

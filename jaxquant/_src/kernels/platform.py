@@ -1,0 +1,32 @@
+"""Where a kernel may run: decided when a computation is lowered, not from the default device.
+
+A process with a GPU can still place arrays on its CPU; a kernel chosen from ``jax.devices()[0]``
+would then be lowered for the CPU and fail. So the kernels are picked with
+``lax.platform_dependent``: the kernel when lowering for its platform, XLA elsewhere.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+
+
+def hopper_present() -> bool:
+    """Whether this process has an sm90 GPU (the Mosaic GPU kernels' target)."""
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        return False
+    return any(getattr(d, "compute_capability", "") == "9.0" for d in gpus)
+
+
+def tpu_present() -> bool:
+    try:
+        return bool(jax.devices("tpu"))
+    except RuntimeError:
+        return False
+
+
+def kernel_or_xla(platform: str, kernel, xla, *args):
+    """``kernel(*args)`` when lowered for ``platform`` ("cuda" or "tpu"), ``xla(*args)`` elsewhere."""
+    return lax.platform_dependent(*args, **{platform: kernel}, default=xla)
