@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxquant._src import codebooks
-from jaxquant._src.qarray import QArray
 from jaxquant._src.kernels import block_constants, nibble_lut, platform
+from jaxquant._src.qarray import QArray
 
 TILE_N = 64  # output features per warpgroup: the wgmma M dimension
 

@@ -24,8 +24,8 @@ from jax.experimental import pallas as pl
 
 from jaxquant._src import codebooks
 from jaxquant._src.kernels import platform
-from jaxquant._src.qarray import QArray
 from jaxquant._src.kernels.nibble_lut import select_decode
+from jaxquant._src.qarray import QArray
 from jaxquant._src.quantize import _constants
 
 
