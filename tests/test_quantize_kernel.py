@@ -78,3 +78,25 @@ def test_kernel_lowers_for_hopper(rng):
     x = awkward(rng, (64, 512))
     lowered = jax.jit(lambda x: QK.quantize_blocks(x, "nf4")).trace(x).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 512), None), ((4, 2, 1024), -1), ((3, 4096), 1)])
+def test_quantize_through_the_kernel_path_gives_the_same_qarray(monkeypatch, shape, axis, rng):
+    """``jq.quantize``'s kernel branch (forced, the kernel interpreted) reshapes the kernel's flat
+    codes and constants into the QArray the XLA path builds, double quant included."""
+    x = awkward(rng, shape)
+    ref = jq.quantize(x, "nf4", 64, axis=axis, double_quant=True)
+    kernel = QK.quantize_blocks
+    monkeypatch.setattr(platform, "hopper_present", lambda: True)
+    monkeypatch.setattr(platform, "kernel_or_xla", lambda where, k, xla, *args: k(*args))
+    calls = []
+    monkeypatch.setattr(QK, "quantize_blocks",
+                        lambda x, qtype: calls.append(qtype) or kernel(x, qtype, interpret=True))
+    jax.clear_caches()
+    q = jq.quantize(x, "nf4", 64, axis=axis, double_quant=True)
+    jax.clear_caches()
+    assert calls == ["nf4"]  # the kernel branch ran (the nested dynamic8 step stays on XLA)
+    assert q.codes.shape == ref.codes.shape and q.scale.codes.shape == ref.scale.codes.shape
+    for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jq.dequantize(q), jq.dequantize(ref))
