@@ -162,6 +162,22 @@ def _unpack_rows(packed: jax.Array, length: int) -> jax.Array:
     return pairs.reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :length]
 
 
+def _block_absmax(blocks: jax.Array, axis: int):
+    """(the absmax that scales the codes, the stored constant: NaN for a non-finite block)."""
+    if axis != -1:  # the in-place path, never on the CPU: one reduction
+        absmax = stored = jnp.abs(blocks).max(axis)
+    else:
+        # max(max, -min) rather than max(abs): XLA CPU materializes abs(x) (10x slower on large x)
+        absmax = jnp.maximum(blocks.max(-1), -blocks.min(-1))
+        # On CPU the stored constant is reduced again from a barrier'd view of the input, so XLA
+        # keeps two fusions: a cheap reduction for it and one pass for the codes. Sharing the
+        # reduction made XLA CPU emit one multi-output fusion 1.7x slower (205 vs 120 ms on
+        # 4096x14336). On GPU the barrier would materialize a float32 copy of the input.
+        apart = jax.lax.platform_dependent(blocks, cpu=jax.lax.optimization_barrier, default=lambda b: b)
+        stored = jnp.maximum(apart.max(-1), -apart.min(-1))
+    return absmax, jnp.where(jnp.isfinite(stored), stored, jnp.nan)
+
+
 def _quantize_blocks(blocks: jax.Array, length: int, block_size: int, cfg: QuantConfig, axis=-1):
     """float32 ``(*rest, nb, bs)`` -> (raw int32 codes, scale, zero_point or None); with ``axis``,
     the block's elements lie along that axis instead (whole blocks only)."""
@@ -178,15 +194,7 @@ def _quantize_blocks(blocks: jax.Array, length: int, block_size: int, cfg: Quant
         code = jnp.clip(jnp.round(blocks * per_block(inv)) + per_block(zero_point), qt.qmin, qt.qmax)
         scale = jnp.where(bad, jnp.nan, scale)
         return code.astype(jnp.int32), scale, zero_point.astype(jnp.int8)
-    # max(max, -min) rather than max(abs): XLA CPU materializes abs(x) (10x slower on large x)
-    absmax = jnp.maximum(blocks.max(axis), -blocks.min(axis))
-    # On CPU the stored constant is reduced again from a barrier'd view of the input, so XLA keeps
-    # two fusions: a cheap reduction for it and one pass for the codes. Sharing the reduction made
-    # XLA CPU emit one multi-output fusion 1.7x slower (205 vs 120 ms on 4096x14336). On GPU the
-    # barrier would materialize a float32 copy of the input, so it is CPU only.
-    apart = jax.lax.platform_dependent(blocks, cpu=jax.lax.optimization_barrier, default=lambda b: b)
-    stored = jnp.maximum(apart.max(axis), -apart.min(axis))
-    stored = jnp.where(jnp.isfinite(stored), stored, jnp.nan)  # a non-finite block's constant is NaN
+    absmax, stored = _block_absmax(blocks, axis)
     if qt.is_integer:
         scale = absmax / np.float32(qt.qmax)
         code = jnp.clip(jnp.round(blocks * per_block(np.float32(1) / _floor(scale))), -qt.qmax, qt.qmax)
