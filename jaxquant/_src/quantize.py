@@ -219,10 +219,8 @@ def _quantize_in_place(x: jax.Array, cfg: QuantConfig, block_size: int):
     code, scale, zero_point = _quantize_blocks(blocks, length, block_size, cfg, axis=a + 1)
     raw = (code & (2**qt.bits - 1)).astype(jnp.uint8).reshape(*pre, length, *post)
     if qt.bits == 4:  # even index in the high nibble, as _pack_rows
-        # a sum over the pair axis: XLA GPU made two slices of it two passes over the input
         pairs = raw.reshape(*pre, length // 2, 2, *post)
-        nibble = jnp.asarray([16, 1], jnp.uint8).reshape((1,) * (a + 1) + (2,) + (1,) * len(post))
-        raw = (pairs * nibble).sum(a + 1, dtype=jnp.uint8)
+        raw = (jnp.take(pairs, 0, axis=a + 1) << 4) | jnp.take(pairs, 1, axis=a + 1)
     last = lambda t: None if t is None else jnp.moveaxis(t, a, -1)
     return last(raw), last(scale), last(zero_point)
 
