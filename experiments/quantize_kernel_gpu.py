@@ -17,22 +17,15 @@ import numpy as np
 from jax.experimental.mosaic.gpu import profiler
 
 import jaxquant as jq
-from jaxquant._src import codebooks
 from jaxquant._src.kernels import quantize_mgpu as QK
+from jaxquant._src.testing import awkward_bf16
 
 cpu = jax.devices("cpu")[0]
 rng = np.random.default_rng(0)
 
 
 def awkward(shape):
-    x = rng.standard_normal(shape).astype(np.float32).reshape(-1)
-    x[:64] = 0
-    x[64:128] *= 1e-30
-    x[128:192] *= np.where(rng.random(64) < 0.1, 40.0, 1.0)
-    mids = np.concatenate([codebooks.get_qtype(t).midpoints for t in ("nf4", "fp4")])
-    x[192:192 + len(mids)] = mids * 4.0
-    x[192 + 63] = 4.0
-    return np.asarray(jnp.asarray(x.reshape(shape), jnp.bfloat16))
+    return np.asarray(awkward_bf16(rng, shape))
 
 
 for shape in [(64, 512), (3, 4096), (4096, 14336)]:

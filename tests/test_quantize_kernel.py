@@ -7,22 +7,11 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from jaxquant._src import codebooks
 from jaxquant._src.kernels import platform
 from jaxquant._src.kernels import quantize_mgpu as QK
+from jaxquant._src.testing import awkward_bf16
 
-
-def awkward(rng, shape):
-    """Normal values with an all-zero block, a block of tiny values, a heavy-tailed block and
-    values on NF4/FP4 cell edges (exact midpoints times a power of two)."""
-    x = rng.standard_normal(shape).astype(np.float32).reshape(-1)
-    x[:64] = 0
-    x[64:128] *= 1e-30
-    x[128:192] *= np.where(rng.random(64) < 0.1, 40.0, 1.0)
-    mids = np.concatenate([codebooks.get_qtype(t).midpoints for t in ("nf4", "fp4")])
-    x[192:192 + len(mids)] = mids * 4.0
-    x[192 + 63] = 4.0  # the block's absmax, so those values scale exactly onto the midpoints
-    return jnp.asarray(x.reshape(shape), jnp.bfloat16)
+awkward = awkward_bf16
 
 
 @pytest.mark.parametrize("qtype", ["nf4"])
