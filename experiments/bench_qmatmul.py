@@ -19,14 +19,13 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", ".5")  # leave torch room for bitsandbytes
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.mosaic.gpu import profiler
+from gpu_timing import per_call_us
 
 import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu
@@ -34,13 +33,6 @@ from jaxquant._src.kernels import qmatmul_mgpu
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 TOKENS = [1, 4, 16, 32, 64, 128, 512, 2048]
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def per_call_us(f, sets, iterations=10):
-    run_all = jax.jit(lambda sets: [f(*a) for a in sets])
-    jax.block_until_ready(run_all(sets))
-    _, times_ms = profiler.measure(run_all, iterations=iterations)(sets)
-    return statistics.median(times_ms) / len(sets) * 1e3
 
 
 def qwix_us(ws, xs, qtype):

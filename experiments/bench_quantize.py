@@ -24,6 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gpu_timing import per_call_us
 
 import jaxquant as jq
 
@@ -69,14 +70,9 @@ def median_seconds(f, *args, reps=7):
     return float(np.median(times))
 
 
-def gpu_seconds(f, args_list, iterations=10):
+def gpu_seconds(f, args_list):
     """Kernel time per call read with CUPTI, cycling distinct inputs so that they never sit in L2."""
-    from jax.experimental.mosaic.gpu import profiler
-
-    run_all = jax.jit(lambda sets: [f(*a) for a in sets])
-    jax.block_until_ready(run_all(args_list))
-    _, times_ms = profiler.measure(run_all, iterations=iterations)(args_list)
-    return float(np.median(times_ms)) / len(args_list) / 1e3
+    return per_call_us(f, args_list) / 1e6
 
 
 def main():

@@ -7,11 +7,10 @@ call); the XLA path and the bf16 dot are timed in the same run.
 """
 
 import os
-import statistics
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.mosaic.gpu import profiler
+from gpu_timing import per_call_us
 
 import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu as K
@@ -22,13 +21,6 @@ VARIANTS = os.environ.get("VARIANTS", "k128 s2;k128 s3;k256 s2;k64 s4;k64 s6").s
 FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs", p="probe")
 TOKENS = [int(t) for t in os.environ.get("TOKENS", "64,96,128").split(",")]
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
-
-
-def timed(f, sets):
-    run = jax.jit(lambda sets: [f(*a) for a in sets])
-    jax.block_until_ready(run(sets))
-    _, ms = profiler.measure(run, iterations=10)(sets)
-    return statistics.median(ms) / len(sets) * 1e3
 
 
 def fixed(variant):
@@ -58,8 +50,8 @@ for k, n in SHAPES:
     for m in TOKENS:
         xs = [jax.random.normal(jax.random.key(50 + i), (m, k), jnp.bfloat16) for i in range(4)]
         ref = jq.qmatmul(xs[0], qs[0], implementation="xla")
-        bf16 = timed(lambda x, w: x @ w, list(zip(xs, ws)))
-        xla = timed(lambda x, q: jq.qmatmul(x, q, implementation="xla"), list(zip(xs, qs)))
+        bf16 = per_call_us(lambda x, w: x @ w, list(zip(xs, ws)))
+        xla = per_call_us(lambda x, q: jq.qmatmul(x, q, implementation="xla"), list(zip(xs, qs)))
         line = f"K={k:<5} N={n:<5} M={m:<3} bf16 {bf16:6.1f} | xla {xla:6.1f} ({bf16 / xla:.2f}x)"
         variants = [("default", lambda x, q: K.qmatmul(x, q))]
         variants += [(v, fixed(v)) for v in VARIANTS]
@@ -68,7 +60,7 @@ for k, n in SHAPES:
                 err = rel_err(jax.jit(f)(xs[0], qs[0]), ref)
                 if err > 1e-2 and " p" not in name:
                     raise AssertionError(f"wrong result: relative error {err:.1e}")
-                us = timed(f, list(zip(xs, qs)))
+                us = per_call_us(f, list(zip(xs, qs)))
                 line += f" | {name} {us:5.1f} ({bf16 / us:.2f}x)"
             except Exception as e:  # a variant that fails to compile is a finding
                 line += f" | {name} failed: {type(e).__name__}: {str(e)[:60]}"

@@ -9,12 +9,11 @@
    copy (`x + 1`); bandwidth = bytes read + written over time.
 """
 
-import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.mosaic.gpu import profiler
+from gpu_timing import per_call_us
 
 import jaxquant as jq
 from jaxquant._src.kernels import quantize_mgpu as QK
@@ -52,11 +51,8 @@ for shape in [(64, 512), (3, 4096), (4096, 14336)]:
           f"vs {float(ref.scale.offset):.9g}", flush=True)
 
 
-def seconds(f, xs, iterations=10):
-    run = jax.jit(lambda xs: [f(x) for x in xs])
-    jax.block_until_ready(run(xs))
-    _, ms = profiler.measure(run, iterations=iterations)(xs)
-    return statistics.median(ms) / len(xs) / 1e3
+def seconds(f, xs):
+    return per_call_us(f, [(x,) for x in xs]) / 1e6
 
 
 print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; TB/s = bytes read + written / time")

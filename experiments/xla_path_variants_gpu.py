@@ -12,15 +12,18 @@ with CUPTI over 4 rotating weight sets, whole call):
   gemm (the session-3 measurements before the packing used 16-bit rows: 10-20 us faster).
 """
 
-import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.mosaic.gpu import profiler
+from gpu_timing import per_call_us
 
 import jaxquant as jq
-from jaxquant._src.quantize import _dequantize_halves, _dequantize_rows, _interleave_16bit
+from jaxquant._src.quantize import (
+    _dequantize_halves,
+    _dequantize_rows,
+    _interleave_16bit,
+)
 
 DIMS = (((1,), (1,)), ((), ()))
 
@@ -48,13 +51,6 @@ VARIANTS = {"current": lambda x, q: jq.qmatmul(x, q, implementation="xla"),
             "halves": halves, "packed": packed, "rows+barrier": rows_barrier}
 
 
-def timed(f, sets):
-    run = jax.jit(lambda sets: [f(*a) for a in sets])
-    jax.block_until_ready(run(sets))
-    _, ms = profiler.measure(run, iterations=10)(sets)
-    return statistics.median(ms) / len(sets) * 1e3
-
-
 M = (1, 16, 128, 512, 1024, 2048)
 for k, n in [(4096, 4096), (4096, 14336), (14336, 4096)]:
     ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) * 0.02 for i in range(4)]
@@ -62,12 +58,12 @@ for k, n in [(4096, 4096), (4096, 14336), (14336, 4096)]:
     for m in M:
         xs = [jax.random.normal(jax.random.key(50 + i), (m, k), jnp.bfloat16) for i in range(4)]
         ref = jq.qmatmul(xs[0], qs[0], implementation="xla").astype(jnp.float32)
-        bf16 = timed(lambda x, w: x @ w, list(zip(xs, ws)))
+        bf16 = per_call_us(lambda x, w: x @ w, list(zip(xs, ws)))
         line = f"K={k:<5} N={n:<5} M={m:<4} bf16 {bf16:6.1f} us"
         for name, f in VARIANTS.items():
             out = jax.jit(f)(xs[0], qs[0]).astype(jnp.float32)
             rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
             assert rel < 1e-2, (name, rel)
-            us = timed(f, list(zip(xs, qs)))
+            us = per_call_us(f, list(zip(xs, qs)))
             line += f" | {name} {us:6.1f} (x{bf16 / us:.2f})"
         print(line, flush=True)

@@ -225,26 +225,22 @@ def _quantize_in_place(x: jax.Array, cfg: QuantConfig, block_size: int):
     return last(raw), last(scale), last(zero_point)
 
 
-
-
-
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _quantize(x: jax.Array, cfg: QuantConfig) -> QArray:
     qt = codebooks.get_qtype(cfg.qtype)
-    rows = _to_rows(x, cfg.axis)
-    length = rows.shape[-1]
+    rest, length = blocked_shape(x.shape, cfg.axis)
     block_size = cfg.block_size or max(length, 1)
 
     def xla_path(x):
         blocks = _to_blocks(_to_rows(x, cfg.axis).astype(jnp.float32), block_size)
         code, scale, zero_point = _quantize_blocks(blocks, length, block_size, cfg)
-        raw = (code & (2**qt.bits - 1)).astype(jnp.uint8).reshape(*rows.shape[:-1], code.shape[-2] * block_size)[..., :length]
+        raw = (code & (2**qt.bits - 1)).astype(jnp.uint8).reshape(*rest, code.shape[-2] * block_size)[..., :length]
         codes = _pack_rows(raw, qt.zero_code) if qt.bits == 4 else raw.astype(jnp.uint8)
         return codes, scale, zero_point
 
     def kernel_path(x):  # one pass on Hopper; blocks never straddle rows here
         codes, scale = quantize_mgpu.quantize_blocks(x, cfg.qtype)
-        return codes.reshape(*rows.shape[:-1], -1), scale.reshape(*rows.shape[:-1], -1), None
+        return codes.reshape(*rest, -1), scale.reshape(*rest, -1), None
 
     if (cfg.axis is None or cfg.axis == x.ndim - 1 and length % block_size == 0) and \
             quantize_mgpu.can_use(x, cfg.qtype, block_size, cfg.zero_point):

@@ -41,6 +41,9 @@ def registers(codes_ref, table_ref, nested_ref, offset_ref, *, blocks: int, row_
     if packed:
         i32 = ir.IntegerType.get_signless(32)
         window = utils.memref_ptr(codes_ref)
+    def decoded(code, nested):  # absmax = dynamic8[code] * nested scale + offset
+        return arith.addf(arith.mulf(memref.load(table_ref, [code]), nested), offset)
+
     columns = [[None, None] for _ in range(blocks)]
     for h in range(2):
         row = arith.addi(first_row, c(8 * h))
@@ -53,8 +56,7 @@ def registers(codes_ref, table_ref, nested_ref, offset_ref, *, blocks: int, row_
         for j in range(blocks):
             if packed:
                 byte = arith.andi(arith.shrui(word, utils.c(8 * j, i32)), utils.c(255, i32))
-                code = arith.index_cast(index, byte)
-                value = arith.addf(arith.mulf(memref.load(table_ref, [code]), nested), offset)
+                value = decoded(arith.index_cast(index, byte), nested)
             else:
                 value = memref.load(codes_ref, [row, c(j)])
                 if table_ref is not None:
@@ -63,7 +65,7 @@ def registers(codes_ref, table_ref, nested_ref, offset_ref, *, blocks: int, row_
                     flat = arith.addi(window_start,
                                       arith.addi(arith.muli(row, c(row_length)), c(j)))
                     nested = memref.load(nested_ref, [arith.divui(flat, c(nested_block))])
-                    value = arith.addf(arith.mulf(memref.load(table_ref, [code]), nested), offset)
+                    value = decoded(code, nested)
             columns[j][h] = vector.broadcast(ir.VectorType.get((1,), f32), value)
     out = []
     for j in range(blocks):

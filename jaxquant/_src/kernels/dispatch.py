@@ -15,8 +15,10 @@ def qmatmul_kernel(x, q, *, implementation: str, interpret: bool, compute_dtype)
         # the TPU kernel on TPUs; elsewhere the Mosaic GPU one (which interpret mode runs on CPU)
         if jax.default_backend() == "tpu":
             from jaxquant._src.kernels import qmatmul_tpu as kernel
+            lowered_for = "tpu"
         else:
             from jaxquant._src.kernels import qmatmul_mgpu as kernel
+            lowered_for = "cuda"
         if interpret:
             return kernel.qmatmul(x, q, compute_dtype=compute_dtype, interpret=True)
         if kernel.can_use(x, q, compute_dtype):
@@ -26,8 +28,7 @@ def qmatmul_kernel(x, q, *, implementation: str, interpret: bool, compute_dtype)
             # auto: the kernel only where this is lowered for its platform (CPU-placed arrays on
             # a GPU machine take XLA)
             return platform.kernel_or_xla(
-                "tpu" if jax.default_backend() == "tpu" else "cuda", run,
-                lambda x, q: matmul.qmatmul_xla(x, q, compute_dtype), x, q)
+                lowered_for, run, lambda x, q: matmul.qmatmul_xla(x, q, compute_dtype), x, q)
         raise NotImplementedError(f"no qmatmul kernel for {q!r} with x {x.dtype}{tuple(x.shape)} "
                                   f"on {jax.default_backend()}")
     except NotImplementedError:
