@@ -5,8 +5,10 @@ Terms: a *row* is a run of ``L`` elements the blocks are cut from (``qarray.bloc
 gets one constant. Table types (nf4, fp4, dynamic8) follow bitsandbytes' CPU/default path bit for
 bit: ``absmax`` in float32, ``x * (1 / absmax)`` clamped to [-1, 1] (a partial last block divides,
 as bitsandbytes does), then the nearest table level (ties to the lower level). Integer types round
-``x / scale`` half to even. Affine blocks stretch ``[min(x, 0), max(x, 0)]`` over the full signed
-code range; including 0 keeps the zero point an in-range integer and 0.0 exact.
+``x * (1 / scale)`` half to even. Affine blocks stretch ``[min(x, 0), max(x, 0)]`` over the full
+signed code range; including 0 keeps the zero point an in-range integer and 0.0 exact. Every
+division is IEEE float32 on every backend (``division.divide``; XLA GPU's own is within 2 ulp), so
+the CPU, GPU and kernel paths give the same bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant._src import codebooks
+from jaxquant._src import codebooks, division
 from jaxquant._src.kernels import platform, quantize_mgpu
 from jaxquant._src.qarray import QArray, blocked_shape, validate
 
@@ -128,10 +130,16 @@ def _code_by_cells(scaled: jax.Array, qt: codebooks.QType) -> jax.Array:
 def _scale_by_reciprocal(blocks: jax.Array, absmax: jax.Array, length: int, block_size: int):
     """``clip(x * (1 / absmax), -1, 1)``; a partial last block divides (bitsandbytes' default path)."""
     safe = _floor(absmax)[..., None]
-    scaled = blocks * (np.float32(1) / safe)
+    scaled = blocks * division.divide(1, safe)
     if length % block_size:
-        scaled = scaled.at[..., -1, :].set(blocks[..., -1, :] / safe[..., -1, :])
+        scaled = scaled.at[..., -1, :].set(division.divide(blocks[..., -1, :], safe[..., -1, :]))
     return jnp.clip(scaled, -1, 1)
+
+
+def _reciprocal_constant(c: int) -> np.float32:
+    """float32(1 / c): XLA rewrites a division by a constant into this multiplication on every
+    backend, so the quantizer writes it so (the same bits everywhere, and what it always computed)."""
+    return np.float32(1) / np.float32(c)
 
 
 def _floor(constant: jax.Array) -> jax.Array:
@@ -186,9 +194,9 @@ def _quantize_blocks(blocks: jax.Array, length: int, block_size: int, cfg: Quant
     if cfg.zero_point:
         lo = jnp.minimum(blocks.min(axis), 0)
         hi = jnp.maximum(blocks.max(axis), 0)
-        scale = (hi - lo) / np.float32(2**qt.bits - 1)
+        scale = (hi - lo) * _reciprocal_constant(2**qt.bits - 1)
         bad = ~(jnp.isfinite(lo) & jnp.isfinite(hi))
-        inv = np.float32(1) / _floor(scale)
+        inv = division.divide(1, _floor(scale))
         zero_point = qt.qmin - jnp.round(lo * inv)
         zero_point = jnp.clip(jnp.where(bad, 0, zero_point), qt.qmin, qt.qmax)
         code = jnp.clip(jnp.round(blocks * per_block(inv)) + per_block(zero_point), qt.qmin, qt.qmax)
@@ -196,13 +204,13 @@ def _quantize_blocks(blocks: jax.Array, length: int, block_size: int, cfg: Quant
         return code.astype(jnp.int32), scale, zero_point.astype(jnp.int8)
     absmax, stored = _block_absmax(blocks, axis)
     if qt.is_integer:
-        scale = absmax / np.float32(qt.qmax)
-        code = jnp.clip(jnp.round(blocks * per_block(np.float32(1) / _floor(scale))), -qt.qmax, qt.qmax)
-        return code.astype(jnp.int32), stored / np.float32(qt.qmax), None
+        scale = absmax * _reciprocal_constant(qt.qmax)
+        code = jnp.clip(jnp.round(blocks * per_block(division.divide(1, _floor(scale)))), -qt.qmax, qt.qmax)
+        return code.astype(jnp.int32), stored * _reciprocal_constant(qt.qmax), None
     if axis == -1:
         scaled = _scale_by_reciprocal(blocks, absmax, length, block_size)
     else:
-        scaled = jnp.clip(blocks * per_block(np.float32(1) / _floor(absmax)), -1, 1)
+        scaled = jnp.clip(blocks * per_block(division.divide(1, _floor(absmax))), -1, 1)
     return _nearest_code(scaled, qt), stored, None
 
 
