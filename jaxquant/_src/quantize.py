@@ -225,10 +225,14 @@ def _quantize_in_place(x: jax.Array, cfg: QuantConfig, block_size: int):
     pre, post = x.shape[:a], x.shape[a + 1:]
     blocks = x.astype(jnp.float32).reshape(*pre, length // block_size, block_size, *post)
     code, scale, zero_point = _quantize_blocks(blocks, length, block_size, cfg, axis=a + 1)
-    raw = (code & (2**qt.bits - 1)).astype(jnp.uint8).reshape(*pre, length, *post)
+    raw = (code.astype(jnp.int32) & (2**qt.bits - 1)).reshape(*pre, length, *post)
     if qt.bits == 4:  # even index in the high nibble, as _pack_rows
+        # a weighted sum over the pair axis: one pass. Two slices OR'd made XLA GPU compute the
+        # codes in two fusions, 472 us for NF4 along axis 0 of 4096x14336 (now 168 us; H100)
         pairs = raw.reshape(*pre, length // 2, 2, *post)
-        raw = (jnp.take(pairs, 0, axis=a + 1) << 4) | jnp.take(pairs, 1, axis=a + 1)
+        weights = jnp.asarray([16, 1], jnp.int32).reshape((1,) * (len(pre) + 1) + (2,) + (1,) * len(post))
+        raw = (pairs * weights).sum(a + 1)
+    raw = raw.astype(jnp.uint8)
     last = lambda t: None if t is None else jnp.moveaxis(t, a, -1)
     return last(raw), last(scale), last(zero_point)
 
