@@ -6,8 +6,10 @@ with the device, JAX version and commit.
     .venv/bin/python experiments/bench_quantize.py --bnb-python /tmp/bnbenv/bin/python   # CPU
     python3 experiments/bench_quantize.py                                                 # GPU
 
-On CPU the shapes are float32 (ANCHORS.md's bitsandbytes CPU figures); bitsandbytes runs in its
-own interpreter (it needs torch, which installs on Python 3.11 here) in a subprocess of this run.
+On CPU the shapes are float32 (ANCHORS.md's bitsandbytes CPU figures), and dequantize is timed
+twice: into a fresh buffer (`jq.dequantize`) and into a reused, donated one (`jq.dequantize_into`;
+bitsandbytes' CPU build raises NotImplementedError for `dequantize_4bit(..., out=)`, so it is timed
+into fresh memory only). bitsandbytes runs in its own interpreter (it needs torch, which installs on Python 3.11 here) in a subprocess of this run.
 On a GPU the input is bfloat16, and throughput is bytes read + written over time, against a
 device-to-device copy measured in the same run.
 """
@@ -70,6 +72,17 @@ def median_seconds(f, *args, reps=7):
     return float(np.median(times))
 
 
+def into_seconds(q, reps=7):
+    """Median time of jq.dequantize_into(q, buffer), the buffer handed back each call (reused)."""
+    buffer = jq.dequantize_into(q, jnp.zeros(q.shape, q.dtype))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        buffer = jax.block_until_ready(jq.dequantize_into(q, buffer))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 def gpu_seconds(f, args_list):
     """Kernel time per call read with CUPTI, cycling distinct inputs so that they never sit in L2."""
     return per_call_us(f, args_list) / 1e6
@@ -107,6 +120,9 @@ def main():
             tc = gpu_seconds(copy, [(x,) for x in sets])
             row["copy_tb_s"] = 2 * in_bytes / tc / 1e12
             row["quantize_vs_copy"] = row["quantize_tb_s"] / row["copy_tb_s"]
+        else:  # into a reused buffer: no page faults on fresh memory (bitsandbytes' CPU build has no out=)
+            row["dequantize_into_s"] = into_seconds(qs[0])
+            row["dequantize_into_mparam_s"] = k * n / row["dequantize_into_s"] / 1e6
         rows.append(row)
     bnb = {}
     if args.bnb_python:
@@ -117,17 +133,22 @@ def main():
             r["bnb_quantize_s"], r["bnb_dequantize_s"] = bnb[f"quantize {r['shape']}"], bnb[f"dequantize {r['shape']}"]
             r["quantize_speedup_vs_bnb"] = r["bnb_quantize_s"] / r["quantize_s"]
             r["dequantize_speedup_vs_bnb"] = r["bnb_dequantize_s"] / r["dequantize_s"]
+            r["dequantize_into_speedup_vs_bnb"] = r["bnb_dequantize_s"] / r["dequantize_into_s"]
     print(f"device: {dev.device_kind} ({dev.platform}), JAX {jax.__version__}, commit {commit()}")
     print("NF4 + double quant, block 64, input", np.dtype(dtype).name)
     head = f"{'shape':<11} {'quant Mp/s':>10} {'dequant Mp/s':>12} {'quant TB/s':>10} {'deq TB/s':>9}"
-    head += f" {'q vs bnb':>9} {'dq vs bnb':>9}" if bnb else ""
+    head += f" {'into Mp/s':>9}" if not on_gpu else ""
+    head += f" {'q vs bnb':>9} {'dq vs bnb':>9} {'into vs bnb':>11}" if bnb else ""
     head += f" {'copy TB/s':>9} {'q/copy':>7}" if on_gpu else ""
     print(head)
     for r in rows:
         line = (f"{r['shape']:<11} {r['quantize_mparam_s']:>10.0f} {r['dequantize_mparam_s']:>12.0f} "
                 f"{r['quantize_tb_s']:>10.3f} {r['dequantize_tb_s']:>9.3f}")
+        if not on_gpu:
+            line += f" {r['dequantize_into_mparam_s']:>9.0f}"
         if bnb:
-            line += f" {r['quantize_speedup_vs_bnb']:>8.2f}x {r['dequantize_speedup_vs_bnb']:>8.2f}x"
+            line += (f" {r['quantize_speedup_vs_bnb']:>8.2f}x {r['dequantize_speedup_vs_bnb']:>8.2f}x"
+                     f" {r['dequantize_into_speedup_vs_bnb']:>10.2f}x")
         if on_gpu:
             line += f" {r['copy_tb_s']:>9.3f} {r['quantize_vs_copy']:>7.2f}"
         print(line)

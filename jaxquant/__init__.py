@@ -8,7 +8,7 @@ from jaxquant._src.io import CheckpointError, load, save
 from jaxquant._src.matmul import qmatmul
 from jaxquant._src.memory import bits_per_param, memory_table, nbytes, num_params
 from jaxquant._src.qarray import QArray, validate
-from jaxquant._src.quantize import QuantConfig, dequantize, quantize, unpack_codes
+from jaxquant._src.quantize import QuantConfig, dequantize, dequantize_into, quantize, unpack_codes
 from jaxquant._src.sharding import qarray_sharding
 from jaxquant._src.tree import (Policy, PolicyError, Rule, dequantize_tree, format_report,
                                 memory_report, quantize_tree)
@@ -22,6 +22,7 @@ __all__ = [
     "QuantConfig",
     "bits_per_param",
     "dequantize",
+    "dequantize_into",
     "dequantize_tree",
     "format_report",
     "load",

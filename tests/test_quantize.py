@@ -300,3 +300,27 @@ def test_off_cpu_division_gives_the_cpu_bytes(qtype, zero_point, monkeypatch, rn
         if same or qtype in ("fp4", "int4", "int8"):  # NF4 / dynamic8 midpoints are rarely hit
             assert equal == same, (qtype, same)
     jax.clear_caches()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dequantize_into_writes_the_values_into_the_donated_buffer(dtype, rng):
+    """Same values as dequantize, in the donated buffer's memory (no fresh allocation: that is
+    what makes it 3x faster on the CPU), and the donated array is gone."""
+    q = jq.quantize(jnp.asarray(rng.standard_normal((96, 130)), jnp.float32), "nf4", 64, axis=0,
+                    double_quant=True)
+    out = jnp.full((96, 130), 7.0, dtype)
+    address = out.unsafe_buffer_pointer()
+    got = jq.dequantize_into(q, out)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jq.dequantize(q, dtype)))
+    assert got.dtype == dtype and got.unsafe_buffer_pointer() == address
+    assert out.is_deleted()
+
+
+def test_dequantize_into_rejects_a_wrong_buffer():
+    q = jq.quantize(jnp.ones((64, 8)), "nf4")
+    with pytest.raises(ValueError, match=r"shape \(8, 64\)"):
+        jq.dequantize_into(q, jnp.zeros((8, 64)))
+    with pytest.raises(TypeError, match="float"):
+        jq.dequantize_into(q, jnp.zeros((64, 8), jnp.int32))
+    with pytest.raises(TypeError, match="float"):
+        jq.dequantize_into(q, np.zeros((64, 8), np.float32))
