@@ -31,7 +31,7 @@ def awkward(shape):
 
 for shape in [(64, 512), (3, 4096), (4096, 14336)]:
     x = awkward(shape)
-    for qtype in ("nf4",):
+    for qtype in ("nf4", "fp4"):
         codes, absmax = QK.quantize_blocks(jnp.asarray(x), qtype)
         ref = jq.quantize(jax.device_put(x, cpu), qtype, 64)
         same = (np.array_equal(np.asarray(codes), np.asarray(ref.codes).reshape(-1))
@@ -93,10 +93,12 @@ for k, n in [(4096, 4096), (4096, 14336)]:
     t_kernel = seconds(lambda x: QK.quantize_blocks(x, "nf4"), xs)
     t_full = seconds(lambda x: jq.quantize(x, "nf4", 64, double_quant=True, check_finite=False), xs)
     t_plain = seconds(lambda x: jq.quantize(x, "nf4", 64, check_finite=False), xs)  # ANCHORS' case
+    t_fp4 = seconds(lambda x: jq.quantize(x, "fp4", 64, check_finite=False), xs)
     can_use, QK.can_use = QK.can_use, lambda *a: False
     jax.clear_caches()
     t_xla = seconds(lambda x: jq.quantize(x, "nf4", 64, double_quant=True, check_finite=False), xs)
     t_xla_plain = seconds(lambda x: jq.quantize(x, "nf4", 64, check_finite=False), xs)
+    t_xla_fp4 = seconds(lambda x: jq.quantize(x, "fp4", 64, check_finite=False), xs)
     QK.can_use = can_use
     jax.clear_caches()
     t_copy = seconds(lambda x: x + jnp.asarray(1, x.dtype), xs)
@@ -115,7 +117,9 @@ for k, n in [(4096, 4096), (4096, 14336)]:
           f"({(in_bytes + out_bytes) / t_full / 1e12 / copy:.0%}) | XLA path {t_xla * 1e6:6.1f} us "
           f"{(in_bytes + out_bytes) / t_xla / 1e12:.2f} TB/s ({(in_bytes + out_bytes) / t_xla / 1e12 / copy:.0%})"
           f" | NF4 without DQ: quantize {t_plain * 1e6:.1f} us ({kernel_bytes / t_plain / 1e12 / copy:.0%}), "
-          f"XLA path {t_xla_plain * 1e6:.1f} us ({kernel_bytes / t_xla_plain / 1e12 / copy:.0%})", flush=True)
+          f"XLA path {t_xla_plain * 1e6:.1f} us ({kernel_bytes / t_xla_plain / 1e12 / copy:.0%}) | FP4: kernel "
+          f"{t_fp4 * 1e6:.1f} us ({kernel_bytes / t_fp4 / 1e12 / copy:.0%}), XLA path {t_xla_fp4 * 1e6:.1f} us",
+          flush=True)
 
 # tile variants (kernel alone, 4096x14336): blocks per step, steps per CTA, pipeline stages
 if os.environ.get("SKIP_VARIANTS"):

@@ -14,7 +14,7 @@ from jaxquant._src.testing import awkward_bf16
 awkward = awkward_bf16
 
 
-@pytest.mark.parametrize("qtype", ["nf4"])
+@pytest.mark.parametrize("qtype", ["nf4", "fp4"])  # FP4: codes not in value order
 @pytest.mark.parametrize("shape", [(64, 512), (3, 4096), (2, 8, 256)])  # 8 steps / 1 CTA; 3 CTAs
 def test_kernel_is_bit_exact_with_the_xla_path(qtype, shape, rng):
     x = awkward(rng, shape)
@@ -34,7 +34,7 @@ def test_a_non_finite_block_gets_a_nan_constant(rng):
 
 
 @pytest.mark.parametrize("dtype,qtype,block,size", [
-    (jnp.float32, "nf4", 64, 4096), (jnp.bfloat16, "int4", 64, 4096), (jnp.bfloat16, "fp4", 64, 4096),
+    (jnp.float32, "nf4", 64, 4096), (jnp.bfloat16, "int4", 64, 4096), (jnp.bfloat16, "dynamic8", 64, 4096),
     (jnp.bfloat16, "nf4", 128, 4096),
     (jnp.bfloat16, "nf4", 64, 4096 + 64)])
 def test_refuses_what_it_does_not_handle(dtype, qtype, block, size):
@@ -63,9 +63,10 @@ def test_cpu_arrays_on_a_hopper_machine_take_the_xla_path(monkeypatch, rng):
     np.testing.assert_array_equal(q.scale.codes, ref.scale.codes)
 
 
-def test_kernel_lowers_for_hopper(rng):
+@pytest.mark.parametrize("qtype", ["nf4", "fp4"])
+def test_kernel_lowers_for_hopper(qtype, rng):
     x = awkward(rng, (64, 512))
-    lowered = jax.jit(lambda x: QK.quantize_blocks(x, "nf4")).trace(x).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(lambda x: QK.quantize_blocks(x, qtype)).trace(x).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 

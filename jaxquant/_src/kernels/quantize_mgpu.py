@@ -1,4 +1,4 @@
-"""Single-pass NF4 blockwise quantize for Hopper (Pallas Mosaic GPU), bfloat16 input.
+"""Single-pass NF4 / FP4 blockwise quantize for Hopper (Pallas Mosaic GPU), bfloat16 input.
 
 XLA quantizes in two passes (a block reduction for the absmax, then the codes), so it reads the
 input twice; this kernel reads each tile once: per pipeline step, ``TILE_BLOCKS`` blocks of 64
@@ -32,8 +32,8 @@ STAGES = 4
 
 
 def supports(x, qtype: str, block_size, zero_point: bool) -> bool:
-    """Whether the kernel applies (else the XLA path): bf16, NF4, block 64, whole tiles."""
-    return (x.dtype == jnp.bfloat16 and qtype == "nf4" and block_size == BLOCK
+    """Whether the kernel applies (else the XLA path): bf16, NF4 or FP4, block 64, whole tiles."""
+    return (x.dtype == jnp.bfloat16 and qtype in ("nf4", "fp4") and block_size == BLOCK
             and not zero_point and x.size % (BLOCK * TILE_BLOCKS) == 0 and x.size > 0)
 
 
@@ -89,7 +89,19 @@ def _reciprocal(a, interpret):
     return rcp(a)
 
 
-def _step(words_smem, codes_smem, absmax_smem, *, midpoints, interpret):
+def _to_codes(sorted_index, order):
+    """Sorted index -> the table's code, ``order[index]``: the 16 codes packed as nibbles of two
+    int32 constants and shifted out (FP4's codes are not in value order; NF4's are)."""
+    if list(order) == list(range(16)):
+        return sorted_index
+    low, high = (np.uint32(sum(int(c) << (4 * i) for i, c in enumerate(half))).view(np.int32)
+                 for half in (order[:8], order[8:]))
+    shift = lax.shift_left(sorted_index & np.int32(7), np.int32(2))
+    word = jnp.where(sorted_index < 8, low, high)
+    return lax.shift_right_logical(word, shift) & np.int32(15)
+
+
+def _step(words_smem, codes_smem, absmax_smem, *, midpoints, order, interpret):
     if interpret:
         w = words_smem[...]
     else:
@@ -106,14 +118,14 @@ def _step(words_smem, codes_smem, absmax_smem, *, midpoints, interpret):
     for bits, shift in ((even_bits, 4), (odd_bits, 0)):
         # no clip to [-1, 1] (the XLA path's): every midpoint lies inside, so compares agree
         scaled = lax.bitcast_convert_type(bits, jnp.float32) * inverse[:, None]
-        code = lax.shift_left(_codes(scaled, midpoints), np.int32(shift))
+        code = lax.shift_left(_to_codes(_codes(scaled, midpoints), order), np.int32(shift))
         packed = code if packed is None else packed | code
     codes_smem[...] = packed.astype(jnp.uint8)
 
 
-def _kernel(words_gmem, codes_gmem, absmax_gmem, *, steps, midpoints, interpret):
+def _kernel(words_gmem, codes_gmem, absmax_gmem, *, steps, midpoints, order, interpret):
     first = lax.axis_index("c") * steps
-    step = functools.partial(_step, midpoints=midpoints, interpret=interpret)
+    step = functools.partial(_step, midpoints=midpoints, order=order, interpret=interpret)
 
     # results go out through two slots of shared memory, each copied to HBM while the next
     # step computes (the pipeline's own out_specs use predicated copies the interpreter lacks)
@@ -150,8 +162,8 @@ def quantize_blocks(x: jax.Array, qtype: str, interpret: bool = False):
     words = lax.bitcast_convert_type(x.reshape(blocks, BLOCK // 2, 2), jnp.int32)
     tiles = blocks // TILE_BLOCKS
     per_cta = STEPS_PER_CTA if tiles % STEPS_PER_CTA == 0 else 1
-    assert np.array_equal(qt.sorted_order, np.arange(16)), "codes must be sorted by value"
-    kernel = functools.partial(_kernel, steps=per_cta, midpoints=qt.midpoints, interpret=interpret)
+    kernel = functools.partial(_kernel, steps=per_cta, midpoints=qt.midpoints,
+                               order=tuple(int(c) for c in qt.sorted_order), interpret=interpret)
     codes, absmax = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((blocks, BLOCK // 2), jnp.uint8),
