@@ -95,7 +95,7 @@ def test_auto_lowers_cpu_arrays_to_xla_on_a_hopper_machine(monkeypatch, rng):
     """auto picks the kernel when lowering for CUDA only: CPU-placed arrays on a machine that
     also has an H100 run the XLA path instead of failing to lower the kernel for the CPU."""
     q = make(rng, 512, 64)
-    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((16, 512)), jnp.bfloat16)  # above auto's XLA-only sizes
     monkeypatch.setattr(platform, "hopper_present", lambda: True)
     assert K.can_use(x, q, jnp.bfloat16)
     out = jax.jit(lambda x, q: jq.qmatmul(x, q))(x, q)
@@ -155,3 +155,15 @@ def test_steps_shorten_for_many_tokens_so_two_fit_the_budget(m, tile_k):
     fitted = K._fit_tile_k(4096, 64, K.BlockSizes(), K._pad_tokens(m))
     assert fitted.tile_k == tile_k
     assert K._step_bytes(tile_k, K._pad_tokens(m)) <= K.STAGE_BUDGET
+
+
+@pytest.mark.parametrize("m,k,n,kernel", [(1, 576, 1536, False), (8, 1024, 1024, False),
+                                          (16, 576, 1536, True), (1, 2048, 1024, True)])
+def test_auto_leaves_small_decode_matmuls_to_xla(m, k, n, kernel, monkeypatch, rng):
+    """On Hopper, auto runs 1-8 tokens against weights up to 1.2M elements through XLA (faster
+    there, measured in experiments/small_shapes_gpu.py) and the kernel otherwise."""
+    q = make(rng, k, n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    monkeypatch.setattr(platform, "hopper_present", lambda: True)
+    lowered = jax.jit(lambda x, q: jq.qmatmul(x, q)).trace(x, q).lower(lowering_platforms=("cuda",))
+    assert ("mosaic_gpu" in lowered.as_text()) == kernel
