@@ -11,8 +11,9 @@ from jaxquant._src.kernels import platform
 
 # auto leaves small decode matmuls to XLA on the GPU: at SmolLM2-135M shapes (576x1536, 1 token)
 # every call sits at its ~5 us latency floor and the XLA path was 0-13% faster than the kernel,
-# which wins from 16 tokens or 4M weights (H100, experiments/small_shapes_gpu.py); in a decode loop
-# XLA also keeps the step in one CUDA graph (SmolLM2 decode 0.86x -> 0.92x of bf16).
+# which wins from 16 tokens or 4M weights (H100, experiments/small_shapes_gpu.py). SmolLM2 greedy
+# generation went from 0.84x to 0.87x of bf16 (0.91x if its 16-token prefill also avoids the
+# kernel: one Mosaic GPU call in a jitted program costs the decode loop its CUDA graphs).
 XLA_UP_TO_TOKENS = 8
 XLA_UP_TO_WEIGHTS = 1_200_000
 
