@@ -2,6 +2,7 @@
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxquant as jq
@@ -85,3 +86,20 @@ def test_memory_report_rows_and_totals(rng):
     assert 0.05 < dense["rel_rms_error"] < 0.15 and "rel_rms_error" not in by_path["params/norm/scale"]
     text = jq.format_report(rows)
     assert "total" in text.splitlines()[-1] and "params/dense/kernel" in text
+
+
+def test_donate_frees_the_quantized_inputs_only(rng):
+    """donate=True gives the same tree and deletes the input arrays it quantized (their memory
+    is released as it goes), leaving the kept leaves alone."""
+    import numpy as np
+
+    params = tree(rng)
+    ref = jq.quantize_tree(jax.tree.map(lambda a: a + 0, params))  # from copies
+    got = jq.quantize_tree(params, donate=True)
+    assert jax.tree.structure(got) == jax.tree.structure(ref)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    p = params["params"]
+    assert p["dense"]["kernel"].is_deleted() and p["attn"]["kernel"].is_deleted()
+    kept = (p["dense"]["bias"], p["embed"]["embedding"], p["norm"]["scale"], p["small"]["kernel"])
+    assert not any(x.is_deleted() for x in kept)

@@ -131,11 +131,16 @@ def _check_quantizable(name: str, leaf, rule: Rule) -> None:
                 f"axis, or set allow_partial_blocks=True)")
 
 
-def quantize_tree(params, policy: Policy | None = None, *, progress: bool = False):
+def quantize_tree(params, policy: Policy | None = None, *, progress: bool = False,
+                  donate: bool = False):
     """Quantize the parameters of a pytree (Linen params, FrozenDict, ...) by ``policy``.
 
-    Abstract trees (``jax.ShapeDtypeStruct`` leaves, e.g. from ``jax.eval_shape``) give abstract
-    QArrays, to plan memory or restore checkpoints without allocating.
+    Leaf by leaf, so the device holds at most the input tree, the quantized tree and one leaf's
+    temporaries. ``donate=True`` also deletes each quantized leaf's input array once its
+    quantization is enqueued (its memory is freed when that computation is done), so the peak is
+    about the input tree alone; the caller must not use those arrays afterwards. Abstract trees
+    (``jax.ShapeDtypeStruct`` leaves, e.g. from ``jax.eval_shape``) give abstract QArrays, to plan
+    memory or restore checkpoints without allocating.
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxquant as jq
@@ -157,6 +162,8 @@ def quantize_tree(params, policy: Policy | None = None, *, progress: bool = Fals
             out = jax.eval_shape(lambda a: _quantize(a, cfg), leaf)
         else:
             out = _quantize(jnp.asarray(leaf), cfg)
+            if donate and isinstance(leaf, jax.Array):
+                leaf.delete()  # PJRT frees the buffer after the pending quantize has read it
         bar.update()
         return out
 
