@@ -21,10 +21,13 @@ _MANTISSA = np.int32(0x7FFFFF)
 _HIDDEN = np.int32(0x800000)
 
 
-def _bits(v) -> jax.Array | np.int32:
-    if isinstance(v, (int, float, np.floating)):  # a constant stays a constant (kernel-friendly)
-        return np.float32(v).view(np.int32)
+def _bits(v) -> jax.Array:
     return lax.bitcast_convert_type(jnp.asarray(v, jnp.float32), jnp.int32)
+
+
+def _fields(bits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(biased exponent, 24-bit significand with the hidden bit) of float32 bit patterns."""
+    return lax.shift_right_logical(bits, np.int32(23)) & np.int32(0xFF), (bits & _MANTISSA) | _HIDDEN
 
 
 def long_divide(n, d) -> jax.Array:
@@ -33,12 +36,10 @@ def long_divide(n, d) -> jax.Array:
     Exact for normal finite non-zero operands whose quotient is a normal number; zeros,
     subnormals, infinities, NaNs and quotients outside the normal range take the backend's own
     division (exact in those cases: 0, inf, NaN; subnormal quotients flush to zero like XLA's).
-    Only selects, compares, shifts and int32 arithmetic, so it also runs inside a Pallas kernel.
     """
+    n, d = jnp.asarray(n, jnp.float32), jnp.asarray(d, jnp.float32)
     nb, db = _bits(n), _bits(d)
-    n_exp = lax.shift_right_logical(nb, np.int32(23)) & np.int32(0xFF)
-    d_exp = lax.shift_right_logical(db, np.int32(23)) & np.int32(0xFF)
-    n_sig, d_sig = (nb & _MANTISSA) | _HIDDEN, (db & _MANTISSA) | _HIDDEN  # 24-bit significands
+    (n_exp, n_sig), (d_exp, d_sig) = _fields(nb), _fields(db)
     # q = floor(n_sig * 2^24 / d_sig), 24 or 25 bits (n_sig < 2 d_sig), one bit per step
     q = jnp.where(n_sig >= d_sig, np.int32(1), np.int32(0))
     r = jnp.where(n_sig >= d_sig, n_sig - d_sig, n_sig)
@@ -59,7 +60,7 @@ def long_divide(n, d) -> jax.Array:
     quotient = lax.bitcast_convert_type(magnitude | ((nb ^ db) & np.int32(-(2**31))), jnp.float32)
     in_range = jnp.minimum(jnp.minimum(jnp.minimum(n_exp - 1, 254 - n_exp), jnp.minimum(d_exp - 1, 254 - d_exp)),
                            jnp.minimum(exponent - 1, 254 - exponent))
-    return jnp.where(in_range >= 0, quotient, np.float32(n) / d if np.isscalar(n) else n / d)
+    return jnp.where(in_range >= 0, quotient, n / d)
 
 
 def reciprocal(a, estimate=None) -> jax.Array:
@@ -75,12 +76,8 @@ def reciprocal(a, estimate=None) -> jax.Array:
     """
     ab = _bits(a)
     estimate = np.float32(1) / a if estimate is None else estimate
-    eb = _bits(estimate)
-    exp = lax.shift_right_logical(ab, np.int32(23)) & np.int32(0xFF)
-    sig = (ab & _MANTISSA) | _HIDDEN
+    (exp, sig), (est_exp, est_sig) = _fields(ab), _fields(_bits(estimate))
     target = 253 - exp  # the reciprocal's biased exponent (a's significand > 1)
-    est_exp = lax.shift_right_logical(eb, np.int32(23)) & np.int32(0xFF)
-    est_sig = (eb & _MANTISSA) | _HIDDEN
     q = jnp.where(est_exp == target, est_sig,
                   jnp.where(est_exp > target, lax.shift_left(est_sig, np.int32(1)),
                             lax.shift_right_logical(est_sig, np.int32(1))))

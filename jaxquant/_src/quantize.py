@@ -127,9 +127,10 @@ def _code_by_cells(scaled: jax.Array, qt: codebooks.QType) -> jax.Array:
     return jnp.asarray(cell_code)[2 * j + above]
 
 
-def _scale_by_reciprocal(blocks: jax.Array, absmax: jax.Array, length: int, block_size: int):
-    """``clip(x * (1 / absmax), -1, 1)``; a partial last block divides (bitsandbytes' default path)."""
-    safe = _floor(absmax)[..., None]
+def _scale_by_reciprocal(blocks: jax.Array, absmax: jax.Array, length: int, block_size: int, axis=-1):
+    """``clip(x * (1 / absmax), -1, 1)``; a partial last block divides (bitsandbytes' default path;
+    only the rows layout, ``axis=-1``, has one)."""
+    safe = jnp.expand_dims(_floor(absmax), axis)
     scaled = blocks * division.divide(1, safe)
     if length % block_size:
         scaled = scaled.at[..., -1, :].set(division.divide(blocks[..., -1, :], safe[..., -1, :]))
@@ -207,11 +208,7 @@ def _quantize_blocks(blocks: jax.Array, length: int, block_size: int, cfg: Quant
         scale = absmax * _reciprocal_constant(qt.qmax)
         code = jnp.clip(jnp.round(blocks * per_block(division.divide(1, _floor(scale)))), -qt.qmax, qt.qmax)
         return code.astype(jnp.int32), stored * _reciprocal_constant(qt.qmax), None
-    if axis == -1:
-        scaled = _scale_by_reciprocal(blocks, absmax, length, block_size)
-    else:
-        scaled = jnp.clip(blocks * per_block(division.divide(1, _floor(absmax))), -1, 1)
-    return _nearest_code(scaled, qt), stored, None
+    return _nearest_code(_scale_by_reciprocal(blocks, absmax, length, block_size, axis), qt), stored, None
 
 
 def _quantize_in_place(x: jax.Array, cfg: QuantConfig, block_size: int):
