@@ -103,3 +103,17 @@ def test_donate_frees_the_quantized_inputs_only(rng):
     assert p["dense"]["kernel"].is_deleted() and p["attn"]["kernel"].is_deleted()
     kept = (p["dense"]["bias"], p["embed"]["embedding"], p["norm"]["scale"], p["small"]["kernel"])
     assert not any(x.is_deleted() for x in kept)
+
+
+def test_donate_keeps_an_array_that_another_leaf_still_uses(rng):
+    """One array under two quantized paths and under a kept one (tied weights): donate must not
+    delete it while a later leaf or the returned tree still needs it."""
+    w = jnp.asarray(rng.standard_normal((256, 128)), jnp.float32)
+    params = {"a": {"kernel": w}, "b": {"kernel": w}}
+    q = jq.quantize_tree(params, donate=True)
+    np.testing.assert_array_equal(q["a"]["kernel"].codes, q["b"]["kernel"].codes)
+    assert w.is_deleted()  # after its last use
+    w = jnp.asarray(rng.standard_normal((256, 128)), jnp.float32)
+    policy = jq.Policy(rules=(jq.Rule(r"^kept/", qtype=None), jq.Rule(r"kernel$")))
+    q = jq.quantize_tree({"kept": {"kernel": w}, "quant": {"kernel": w}}, policy, donate=True)
+    assert not w.is_deleted() and q["kept"]["kernel"] is w

@@ -10,6 +10,7 @@ norm scales, biases and anything under ``min_size`` elements stay as they are.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -152,6 +153,16 @@ def quantize_tree(params, policy: Policy | None = None, *, progress: bool = Fals
     decisions = plan(params, policy)
     total = sum(r is not None for r in decisions.values())
     bar = tqdm(total=total, desc="quantizing", disable=not progress or total == 0, leave=False)
+    # with donate, an array is deleted after its last quantization, and never if a kept leaf is it
+    pending = collections.Counter()
+    kept = set()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]:
+        if not isinstance(leaf, jax.Array):
+            continue
+        if decisions[path_str(path)] is None:
+            kept.add(id(leaf))
+        else:
+            pending[id(leaf)] += 1
 
     def convert(path, leaf):
         rule = decisions[path_str(path)]
@@ -163,7 +174,9 @@ def quantize_tree(params, policy: Policy | None = None, *, progress: bool = Fals
         else:
             out = _quantize(jnp.asarray(leaf), cfg)
             if donate and isinstance(leaf, jax.Array):
-                leaf.delete()  # PJRT frees the buffer after the pending quantize has read it
+                pending[id(leaf)] -= 1
+                if not pending[id(leaf)] and id(leaf) not in kept:
+                    leaf.delete()  # PJRT frees the buffer after the pending quantize has read it
         bar.update()
         return out
 
