@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from jaxquant._src.kernels import platform
+from jaxquant._src import codebooks
+from jaxquant._src.kernels import cell_table, platform
 from jaxquant._src.kernels import quantize_mgpu as QK
 from jaxquant._src.testing import awkward_bf16
 
@@ -90,3 +91,35 @@ def test_quantize_through_the_kernel_path_gives_the_same_qarray(monkeypatch, sha
     for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(jq.dequantize(q), jq.dequantize(ref))
+
+
+def _near(values, ulps=4):
+    """Each float32 value and its neighbours up to ``ulps`` steps away."""
+    bits = np.asarray(values, np.float32).view(np.int32)[:, None] + np.arange(-ulps, ulps + 1)
+    return bits.astype(np.int32).view(np.float32).reshape(-1)
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "fp4"])
+def test_cell_table_gives_the_midpoint_count_for_every_kind_of_value(qtype, rng):
+    """The kernel's lookup (cell_table.py) = the number of midpoints strictly below, on values
+    at and around every midpoint and every cell limit, random values, +-1, zeros and specials,
+    in numpy and in jnp (what interpret mode runs)."""
+    mids = np.asarray(codebooks.get_qtype(qtype).midpoints, np.float32)
+    limits = [cell_table._first_in_cell(c) for c in range(1, cell_table.CELLS)]
+    n = np.concatenate([
+        _near(np.concatenate([mids, limits, [1, -1, 0, 1e-30, -1e-30]])),
+        rng.uniform(-1.01, 1.01, 20_000).astype(np.float32),
+        np.array([np.nan, np.inf, -np.inf, -0.0, 1e-45, -1e-45, 3.0, -3.0], np.float32)])
+    want = np.sum(n[:, None] > mids[None, :], axis=1)
+    table, words = cell_table.table(mids), cell_table.entry_words(mids)
+    np.testing.assert_array_equal(cell_table.codes_reference(n, table, words), want)
+    # XLA:CPU flushes subnormals to zero (FP4 has a midpoint at 0): jnp is checked on the rest
+    normal = ~(np.abs(n) < np.finfo(np.float32).tiny) | (n == 0)
+    got = cell_table.codes_reference(jnp.asarray(n[normal]), jnp.asarray(table), words)
+    np.testing.assert_array_equal(np.asarray(got), want[normal])
+    assert len(np.unique(table[:, 0])) > 8  # the counts really vary from cell to cell
+
+
+def test_cell_table_refuses_crowded_cells():
+    with pytest.raises(ValueError, match="midpoints"):
+        cell_table.table(np.linspace(-0.01, 0.01, 9))

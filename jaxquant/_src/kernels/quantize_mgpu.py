@@ -23,12 +23,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxquant._src import codebooks, division
-from jaxquant._src.kernels import platform
+from jaxquant._src.kernels import cell_table, platform
 
 BLOCK = 64  # the kernel's block size (values per absmax)
 TILE_BLOCKS = 64  # blocks per pipeline step
 STEPS_PER_CTA = 8
 STAGES = 4
+SEARCH = "cells"  # the code search: "cells" (cell_table.py) or "binary" (kept to compare)
 
 
 def supports(x, qtype: str, block_size, zero_point: bool) -> bool:
@@ -101,7 +102,18 @@ def _to_codes(sorted_index, order):
     return lax.shift_right_logical(word, shift) & np.int32(15)
 
 
-def _step(words_smem, codes_smem, absmax_smem, *, midpoints, order, interpret):
+def _lookup_codes(scaled, table_smem, words, per_cell):
+    """Sorted code indices through the cell table (cell_table.py) in shared memory."""
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+                       return_type=plgpu.ShapeDtypeStruct(scaled.shape, jnp.int32,
+                                                          layout=plgpu.Layout.WGMMA))
+    def lookup(_, scaled, table):
+        return cell_table.codes_registers(scaled, table, words, per_cell)
+
+    return lookup(scaled, table_smem)
+
+
+def _step(words_smem, codes_smem, absmax_smem, table_smem, *, midpoints, order, interpret):
     if interpret:
         w = words_smem[...]
     else:
@@ -114,25 +126,39 @@ def _step(words_smem, codes_smem, absmax_smem, *, midpoints, order, interpret):
     # a non-finite block's constant is NaN (its bits are >= those of inf)
     absmax_smem[...] = jnp.where(absmax_bits < np.int32(0x7F800000), absmax, np.float32(np.nan))
     inverse = _reciprocal(jnp.maximum(absmax, np.float32(np.finfo(np.float32).tiny)), interpret)
+    words, per_cell = cell_table.entry_words(midpoints), cell_table.midpoints_per_cell(midpoints)
     packed = None
     for bits, shift in ((even_bits, 4), (odd_bits, 0)):
         # no clip to [-1, 1] (the XLA path's): every midpoint lies inside, so compares agree
         scaled = lax.bitcast_convert_type(bits, jnp.float32) * inverse[:, None]
-        code = lax.shift_left(_to_codes(_codes(scaled, midpoints), order), np.int32(shift))
+        if SEARCH == "binary":
+            index = _codes(scaled, midpoints)
+        elif interpret:
+            index = cell_table.codes_reference(scaled, table_smem[...], words)
+        else:
+            index = _lookup_codes(scaled, table_smem, words, per_cell)
+        code = lax.shift_left(_to_codes(index, order), np.int32(shift))
         packed = code if packed is None else packed | code
     codes_smem[...] = packed.astype(jnp.uint8)
 
 
-def _kernel(words_gmem, codes_gmem, absmax_gmem, *, steps, midpoints, order, interpret):
+def _kernel(words_gmem, table_gmem, codes_gmem, absmax_gmem, *, steps, midpoints, order,
+            interpret):
     first = lax.axis_index("c") * steps
-    step = functools.partial(_step, midpoints=midpoints, order=order, interpret=interpret)
 
     # results go out through two slots of shared memory, each copied to HBM while the next
     # step computes (the pipeline's own out_specs use predicated copies the interpreter lacks)
     @functools.partial(pl.run_scoped,
                        codes_smem=plgpu.SMEM((2, TILE_BLOCKS, BLOCK // 2), jnp.uint8),
-                       absmax_smem=plgpu.SMEM((2, TILE_BLOCKS), jnp.float32))
-    def _scope(codes_smem, absmax_smem):
+                       absmax_smem=plgpu.SMEM((2, TILE_BLOCKS), jnp.float32),
+                       table_smem=plgpu.SMEM(table_gmem.shape, jnp.int32),
+                       table_barrier=plgpu.Barrier())
+    def _scope(codes_smem, absmax_smem, table_smem, table_barrier):
+        plgpu.copy_gmem_to_smem(table_gmem, table_smem, table_barrier)
+        plgpu.barrier_wait(table_barrier)
+        step = functools.partial(_step, table_smem=table_smem, midpoints=midpoints, order=order,
+                                 interpret=interpret)
+
         def body(idx, words):
             s = idx[0]
             slot = lax.rem(s, 2)
@@ -170,5 +196,5 @@ def quantize_blocks(x: jax.Array, qtype: str, interpret: bool = False):
                   jax.ShapeDtypeStruct((blocks,), jnp.float32)),
         grid=(tiles // per_cta,), grid_names=("c",),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )(words)
+    )(words, jnp.asarray(cell_table.table(qt.midpoints)))
     return codes.reshape(-1), absmax
