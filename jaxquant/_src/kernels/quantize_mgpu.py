@@ -7,8 +7,9 @@ computed in registers. The input is viewed as int32 words of two bfloat16 (even 
 low half), so that a word's two codes make one output byte without moving data between threads:
 ``float32(bf16) = bits << 16``. The arithmetic is the XLA path's (``x * (1 / absmax)``, code =
 number of midpoints strictly below, with an IEEE reciprocal: PTX ``rcp.rn.ftz.f32``),
-so the bytes and constants are identical. 41% of a copy's bandwidth on an H100 (4096x14336): the
-code search, not the memory traffic, is the limit.
+so the bytes and constants are identical. The code comes from one shared-memory lookup and one
+compare per value (cell_table.py); a binary search over the midpoints made the kernel ALU-bound
+at 41% of a copy's bandwidth, the lookup runs at 94% (H100, 4096x14336, BUILD_NOTES).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ BLOCK = 64  # the kernel's block size (values per absmax)
 TILE_BLOCKS = 64  # blocks per pipeline step
 STEPS_PER_CTA = 8
 STAGES = 4
-SEARCH = "cells"  # the code search: "cells" (cell_table.py) or "binary" (kept to compare)
 
 
 def supports(x, qtype: str, block_size, zero_point: bool) -> bool:
@@ -40,26 +40,6 @@ def supports(x, qtype: str, block_size, zero_point: bool) -> bool:
 
 def can_use(x, qtype: str, block_size, zero_point: bool) -> bool:
     return supports(x, qtype, block_size, zero_point) and platform.hopper_present()
-
-
-def _pick(decided, table):
-    """``table[index]`` where ``decided`` holds the index's bits (most significant first)."""
-    if not decided:
-        return np.float32(table[0])
-    half = len(table) // 2
-    return jnp.where(decided[0], _pick(decided[1:], table[half:]), _pick(decided[1:], table[:half]))
-
-
-def _codes(scaled, midpoints):
-    """Number of (sorted) midpoints strictly below each value = the NF4 code: a binary search,
-    4 compares and 11 selects per value (a sum of 15 compares: 180 vs 129 us at 4096x14336)."""
-    bits, code = [], jnp.zeros(scaled.shape, jnp.int32)
-    for level in range(4):
-        step = 8 >> level
-        above = scaled > _pick(bits, midpoints[step - 1::2 * step])
-        code = code + jnp.where(above, np.int32(step), np.int32(0))
-        bits.append(above)
-    return code
 
 
 def _reciprocal(a, interpret):
@@ -102,8 +82,13 @@ def _to_codes(sorted_index, order):
     return lax.shift_right_logical(word, shift) & np.int32(15)
 
 
-def _lookup_codes(scaled, table_smem, words, per_cell):
-    """Sorted code indices through the cell table (cell_table.py) in shared memory."""
+def _search(scaled, table_smem, midpoints, interpret):
+    """Sorted code indices (midpoints strictly below) through the cell table in shared memory:
+    inline PTX on the GPU, the same arithmetic in jnp in the interpreter (cell_table.py)."""
+    words, per_cell = cell_table.entry_words(midpoints), cell_table.midpoints_per_cell(midpoints)
+    if interpret:
+        return cell_table.codes_reference(scaled, table_smem[...], words)
+
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
                        return_type=plgpu.ShapeDtypeStruct(scaled.shape, jnp.int32,
                                                           layout=plgpu.Layout.WGMMA))
@@ -126,17 +111,11 @@ def _step(words_smem, codes_smem, absmax_smem, table_smem, *, midpoints, order, 
     # a non-finite block's constant is NaN (its bits are >= those of inf)
     absmax_smem[...] = jnp.where(absmax_bits < np.int32(0x7F800000), absmax, np.float32(np.nan))
     inverse = _reciprocal(jnp.maximum(absmax, np.float32(np.finfo(np.float32).tiny)), interpret)
-    words, per_cell = cell_table.entry_words(midpoints), cell_table.midpoints_per_cell(midpoints)
     packed = None
     for bits, shift in ((even_bits, 4), (odd_bits, 0)):
         # no clip to [-1, 1] (the XLA path's): every midpoint lies inside, so compares agree
         scaled = lax.bitcast_convert_type(bits, jnp.float32) * inverse[:, None]
-        if SEARCH == "binary":
-            index = _codes(scaled, midpoints)
-        elif interpret:
-            index = cell_table.codes_reference(scaled, table_smem[...], words)
-        else:
-            index = _lookup_codes(scaled, table_smem, words, per_cell)
+        index = _search(scaled, table_smem, midpoints, interpret)
         code = lax.shift_left(_to_codes(index, order), np.int32(shift))
         packed = code if packed is None else packed | code
     codes_smem[...] = packed.astype(jnp.uint8)
