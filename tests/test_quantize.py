@@ -324,3 +324,30 @@ def test_dequantize_into_rejects_a_wrong_buffer():
         jq.dequantize_into(q, jnp.zeros((64, 8), jnp.int32))
     with pytest.raises(TypeError, match="float"):
         jq.dequantize_into(q, np.zeros((64, 8), np.float32))
+
+
+@pytest.mark.parametrize("qtype", ["dynamic8", "fp4", "nf4"])
+def test_bit_cells_count_the_midpoints_below_like_the_search(qtype, rng):
+    """The GPU's code search for dynamic8 (``_count_by_bit_cells``: one gather of the value's
+    cell by its float bits, <= 4 compares) equals the CPU's binary search on values at and
+    around every midpoint and every cell limit, random values over several decades, zeros,
+    +-1, +-inf and NaN. (Subnormals are left out: XLA:CPU flushes them to zero.)"""
+    from jaxquant._src import codebooks
+    from jaxquant._src import quantize as Q
+
+    qt = codebooks.get_qtype(qtype)
+    mids = qt.midpoints
+    shift, low, high, below, inside = qt.bit_cells
+    starts = (np.arange(low, high + 2, dtype=np.int64) << shift).astype(np.uint32).view(np.float32)
+    around = lambda v, k: (np.asarray(v, np.float32).view(np.int32)[:, None]
+                           + np.arange(-k, k + 1)).astype(np.int32).view(np.float32).ravel()
+    v = np.concatenate([
+        around(mids, 3), around(np.concatenate([starts, -starts]), 2),
+        rng.uniform(-1, 1, 20_000).astype(np.float32),
+        (rng.standard_normal(20_000) * 10.0 ** rng.integers(-7, 1, 20_000)).astype(np.float32),
+        np.array([0, -0.0, 1, -1, np.inf, -np.inf, np.nan, 2, -2], np.float32)])
+    v = v[(np.abs(v) >= np.finfo(np.float32).tiny) | (v == 0) | np.isnan(v)]
+    want = np.asarray(Q._count_by_search(jnp.asarray(v), qt))
+    np.testing.assert_array_equal(np.asarray(Q._count_by_bit_cells(jnp.asarray(v), qt)), want)
+    assert set(want[np.isnan(v)].tolist()) == {len(mids)}  # NaN counts above every midpoint
+    assert inside.shape[1] <= 4 and below.max() <= len(mids)

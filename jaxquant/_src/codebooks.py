@@ -107,6 +107,38 @@ class QType:
         return None
 
     @functools.cached_property
+    def bit_cells(self) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+        """Cells keyed by a float32's bits, for tables too dense near 0 for a uniform grid.
+
+        Returns ``(shift, low, high, below, inside)``: a value's cell is its magnitude bits
+        ``>> shift`` (its exponent and top mantissa bits) clipped to ``[low, high]``, minus
+        ``low``, plus ``high - low + 1`` for negative values; its midpoint count is
+        ``below[cell] + sum(value > inside[cell])`` (``inside`` padded with +inf). The cells'
+        limits are exact float32 values, so the count equals the number of midpoints strictly
+        below for every non-NaN float32. Cells narrow enough for at most 4 midpoints each.
+        """
+        mids = self.midpoints
+        mags = np.abs(mids[mids != 0]).view(np.uint32)
+        for mantissa_bits in range(3, 11):
+            shift = 23 - mantissa_bits
+            low, high = int(mags.min() >> shift) - 1, int(mags.max() >> shift) + 1
+            starts = np.arange(low, high + 1, dtype=np.int64) << shift
+            starts[0] = 0
+            ends = np.append(starts[1:] - 1, 0x7F800000)  # top cell: up to +inf (NaN apart)
+            as_float = lambda bits: bits.astype(np.uint32).view(np.float32)
+            intervals = ([(as_float(a), as_float(b)) for a, b in zip(starts, ends)]
+                         + [(-as_float(b), -as_float(a)) for a, b in zip(starts, ends)])
+            inside = [mids[(mids >= a) & (mids <= b)] for a, b in intervals]
+            if max(map(len, inside)) <= 4:
+                break
+        width = max(map(len, inside))
+        padded = np.full((len(inside), width), np.inf, np.float32)
+        for row, values in zip(padded, inside):
+            row[:len(values)] = values
+        below = np.array([np.sum(mids < a) for a, _ in intervals], np.int32)
+        return shift, low, high, below, padded
+
+    @functools.cached_property
     def zero_code(self) -> int:
         """The raw code of 0.0: fills the odd last nibble and codes all-zero blocks."""
         return int(np.flatnonzero(self.values == 0)[0])
