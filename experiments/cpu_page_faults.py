@@ -3,9 +3,11 @@
     .venv/bin/python experiments/cpu_page_faults.py --bnb-python /tmp/bnbenv/bin/python
 
 NF4 + double quant, block 64, 4096x14336 float32 (235 MB out). Each library runs in its own
-process, twice: with the allocator's default small pages, and with transparent huge pages for
-large allocations (glibc's `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for XLA's buffers, PyTorch's
-`THP_MEM_ALLOC_ENABLE=1` for bitsandbytes'; both must be set before the process starts). Reported
+process: jaxquant as it is (`dequantize` writes large CPU outputs into huge pages, cpu_pages.py),
+with that switched off (`JAXQUANT_HUGE_PAGES=0`: small pages) and with huge pages for all of
+XLA's allocations (glibc's `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`); bitsandbytes with its
+default small pages and with PyTorch's `THP_MEM_ALLOC_ENABLE=1` (environment variables that must
+be set before the process starts). Reported
 per call (median of 7): wall time, user and system CPU time (2 threads each) and minor page
 faults. jaxquant is also timed into a reused buffer (`dequantize_into`), which faults on nothing.
 Writes results/cpu_page_faults.json.
@@ -72,8 +74,10 @@ def main():
     p.add_argument("--bnb-python", help="a Python with torch + bitsandbytes 0.50.2")
     args = p.parse_args()
     runs = {
-        "jaxquant, small pages": (sys.executable, JAXQUANT, {}),
-        "jaxquant, huge pages": (sys.executable, JAXQUANT, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
+        "jaxquant": (sys.executable, JAXQUANT, {}),
+        "jaxquant, small pages": (sys.executable, JAXQUANT, {"JAXQUANT_HUGE_PAGES": "0"}),
+        "jaxquant, glibc huge pages": (sys.executable, JAXQUANT,
+                                       {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
     }
     if args.bnb_python:
         runs["bitsandbytes, small pages"] = (args.bnb_python, BITSANDBYTES, {})

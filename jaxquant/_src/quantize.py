@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant._src import codebooks, division
+from jaxquant._src import codebooks, cpu_pages, division
 from jaxquant._src.kernels import platform, quantize_mgpu
 from jaxquant._src.qarray import QArray, blocked_shape, validate
 
@@ -417,12 +417,32 @@ def _dequantize(q: QArray, dtype) -> jax.Array:
 def dequantize(q: QArray, dtype=None) -> jax.Array:
     """Undo ``quantize``: ``v[codes] * scale`` per block in float32, cast once to ``dtype``.
 
+    On the CPU, an output of 4 MB or more (outside ``jit``) is written into memory advised to be
+    transparent huge pages (``cpu_pages``; ``JAXQUANT_HUGE_PAGES=0`` turns it off): its page
+    faults, not the decode, were most of the time (4096x14336 float32: 57,345 faults, ~85 ms
+    fresh vs ~40 ms).
+
     Args:
       q: a QArray (validated here).
       dtype: output dtype; defaults to the dtype ``q`` was quantized from.
     """
     validate(q)
-    return _dequantize(q, np.dtype(q.dtype if dtype is None else dtype))
+    dtype = np.dtype(q.dtype if dtype is None else dtype)
+    device = _cpu_device(q.codes)
+    if device is not None and (buffer := cpu_pages.fresh_buffer(q.shape, dtype, device)) is not None:
+        # a large CPU output: written into huge pages (cpu_pages.py), ~2.5x faster than fresh
+        # small pages on the 2-core VM
+        return _dequantize_into(q, buffer)
+    return _dequantize(q, dtype)
+
+
+def _cpu_device(codes) -> jax.Device | None:
+    """The CPU device holding concrete ``codes`` (None under tracing, elsewhere, or sharded)."""
+    if not isinstance(codes, jax.Array) or isinstance(codes, jax.core.Tracer):
+        return None
+    devices = codes.devices()
+    device = next(iter(devices))
+    return device if len(devices) == 1 and device.platform == "cpu" else None
 
 
 @functools.partial(jax.jit, donate_argnums=(1,))
