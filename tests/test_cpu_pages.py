@@ -43,8 +43,9 @@ def test_a_fresh_buffer_is_advised_to_be_huge_pages(built):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_large_dequantize_goes_through_huge_pages_with_the_same_values(built, dtype, monkeypatch, rng):
-    q = jq.quantize(jnp.asarray(rng.standard_normal((1024, 2048)), jnp.float32), "nf4", 64,
-                    double_quant=True)
+    cpu = jax.devices("cpu")[0]  # explicit: on a GPU machine the default device is the GPU
+    q = jq.quantize(jax.device_put(rng.standard_normal((1024, 2048)).astype(np.float32), cpu),
+                    "nf4", 64, double_quant=True)
     calls = []
     fresh = cpu_pages.fresh_buffer
     monkeypatch.setattr(cpu_pages, "fresh_buffer", lambda *a: calls.append(fresh(*a)) or calls[-1])

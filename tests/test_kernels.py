@@ -87,15 +87,18 @@ def test_gradient_through_the_kernel_path(rng):
 
 
 def test_kernel_is_not_used_off_hopper(rng):
+    if platform.hopper_present():
+        pytest.skip("this machine has a Hopper GPU")
     q = make(rng, 256, 64)
-    assert not K.can_use(jnp.ones((1, 256), jnp.bfloat16), q, jnp.bfloat16)  # CPU here
+    assert not K.can_use(jnp.ones((1, 256), jnp.bfloat16), q, jnp.bfloat16)
 
 
 def test_auto_lowers_cpu_arrays_to_xla_on_a_hopper_machine(monkeypatch, rng):
     """auto picks the kernel when lowering for CUDA only: CPU-placed arrays on a machine that
     also has an H100 run the XLA path instead of failing to lower the kernel for the CPU."""
-    q = make(rng, 512, 64)
-    x = jnp.asarray(rng.standard_normal((16, 512)), jnp.bfloat16)  # above auto's XLA-only sizes
+    cpu = jax.devices("cpu")[0]  # explicit: on a GPU machine the default device is the GPU
+    q = jax.device_put(make(rng, 512, 64), cpu)
+    x = jax.device_put(jnp.asarray(rng.standard_normal((16, 512)), jnp.bfloat16), cpu)  # > XLA-only sizes
     monkeypatch.setattr(platform, "hopper_present", lambda: True)
     assert K.can_use(x, q, jnp.bfloat16)
     out = jax.jit(lambda x, q: jq.qmatmul(x, q))(x, q)
