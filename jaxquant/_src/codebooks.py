@@ -51,6 +51,19 @@ INT4 = np.array([v if v < 8 else v - 16 for v in range(16)], dtype=np.float32)
 INT8 = np.arange(256, dtype=np.int32).astype(np.uint8).view(np.int8).astype(np.float32)
 
 
+def cell_entries(midpoints: np.ndarray, firsts: np.ndarray, lasts: np.ndarray):
+    """For cells ``[firsts[i], lasts[i]]`` (float32, inclusive): how many midpoints lie below each
+    cell, and the midpoints inside it padded with +inf to the fullest cell's count. Then the
+    number of midpoints strictly below a value ``v`` of cell ``i`` is
+    ``below[i] + sum(v > inside[i])``, exactly."""
+    below = np.sum(midpoints[None, :] < firsts[:, None], axis=1).astype(np.int32)
+    within = (midpoints[None, :] >= firsts[:, None]) & (midpoints[None, :] <= lasts[:, None])
+    inside = np.full((len(firsts), max(1, int(within.sum(1).max()))), np.inf, np.float32)
+    for row, mask in zip(inside, within):
+        row[:mask.sum()] = midpoints[mask]
+    return below, inside
+
+
 @dataclasses.dataclass(frozen=True)
 class QType:
     """What a qtype is: its table, its width in bits and how it scales."""
@@ -126,17 +139,12 @@ class QType:
             starts[0] = 0
             ends = np.append(starts[1:] - 1, 0x7F800000)  # top cell: up to +inf (NaN apart)
             as_float = lambda bits: bits.astype(np.uint32).view(np.float32)
-            intervals = ([(as_float(a), as_float(b)) for a, b in zip(starts, ends)]
-                         + [(-as_float(b), -as_float(a)) for a, b in zip(starts, ends)])
-            inside = [mids[(mids >= a) & (mids <= b)] for a, b in intervals]
-            if max(map(len, inside)) <= 4:
-                break
-        width = max(map(len, inside))
-        padded = np.full((len(inside), width), np.inf, np.float32)
-        for row, values in zip(padded, inside):
-            row[:len(values)] = values
-        below = np.array([np.sum(mids < a) for a, _ in intervals], np.int32)
-        return shift, low, high, below, padded
+            firsts = np.concatenate([as_float(starts), -as_float(ends)])
+            lasts = np.concatenate([as_float(ends), -as_float(starts)])
+            below, inside = cell_entries(mids, firsts, lasts)
+            if inside.shape[1] <= 4:
+                return shift, low, high, below, inside
+        raise ValueError(f"{self.name}: midpoints too close for float-bit cells")
 
     @functools.cached_property
     def zero_code(self) -> int:

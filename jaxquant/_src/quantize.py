@@ -428,7 +428,7 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     """
     validate(q)
     dtype = np.dtype(q.dtype if dtype is None else dtype)
-    device = _cpu_device(q.codes)
+    device = _single_device(q.codes)
     if device is not None and (buffer := cpu_pages.fresh_buffer(q.shape, dtype, device)) is not None:
         # a large CPU output: written into huge pages (cpu_pages.py), ~2.5x faster than fresh
         # small pages on the 2-core VM
@@ -436,13 +436,12 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     return _dequantize(q, dtype)
 
 
-def _cpu_device(codes) -> jax.Device | None:
-    """The CPU device holding concrete ``codes`` (None under tracing, elsewhere, or sharded)."""
+def _single_device(codes) -> jax.Device | None:
+    """The one device holding concrete ``codes`` (None under tracing or when sharded)."""
     if not isinstance(codes, jax.Array) or isinstance(codes, jax.core.Tracer):
         return None
     devices = codes.devices()
-    device = next(iter(devices))
-    return device if len(devices) == 1 and device.platform == "cpu" else None
+    return next(iter(devices)) if len(devices) == 1 else None
 
 
 @functools.partial(jax.jit, donate_argnums=(1,))

@@ -19,6 +19,8 @@ import functools
 
 import numpy as np
 
+from jaxquant._src import codebooks
+
 CELLS = 33  # floor(32 u) for u in [0, 1]: u = 1 (n >= 1) has a cell of its own
 ROW_WORDS = 32  # one 128-byte row per cell: all 32 banks
 _MAGIC = 0x4B000000  # bits of 2**23: floor(32 u) + 2**23 has the cell in its low bits
@@ -51,7 +53,7 @@ def _from_ordered(i: int) -> np.float32:
 
 
 def midpoints_per_cell(midpoints) -> int:
-    return max(len(inside) for _, inside in _cells(_key(midpoints)))
+    return _cells(_key(midpoints))[1].shape[1]
 
 
 def _key(midpoints) -> tuple:
@@ -60,12 +62,10 @@ def _key(midpoints) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _cells(midpoints: tuple):
-    """(midpoints below the cell, midpoints inside it) for each cell."""
-    midpoints = np.asarray(midpoints, np.float32)
-    starts = [np.float32(-np.inf)] + [_first_in_cell(c) for c in range(1, CELLS)]
-    ends = starts[1:] + [np.float32(np.inf)]
-    return [(int(np.sum(midpoints < start)), midpoints[(midpoints >= start) & (midpoints < end)])
-            for start, end in zip(starts, ends)]
+    """(midpoints below each cell, the midpoints inside it padded with +inf)."""
+    starts = np.array([-np.inf] + [_first_in_cell(c) for c in range(1, CELLS)], np.float32)
+    lasts = np.append(np.nextafter(starts[1:], np.float32(-np.inf)), np.float32(np.inf))
+    return codebooks.cell_entries(np.asarray(midpoints, np.float32), starts, lasts)
 
 
 def entry_words(midpoints) -> int:
@@ -76,12 +76,12 @@ def entry_words(midpoints) -> int:
 @functools.lru_cache(maxsize=None)
 def _table(midpoints: tuple) -> np.ndarray:
     words = entry_words(midpoints)
+    below, inside = _cells(midpoints)
+    if inside.shape[1] > words - 1:
+        raise ValueError(f"a cell holds {inside.shape[1]} midpoints, more than {words - 1}")
     rows = np.full((CELLS, words), np.float32(np.inf)).view(np.int32)
-    for c, (below, inside) in enumerate(_cells(midpoints)):
-        if len(inside) > words - 1:
-            raise ValueError(f"cell {c} holds {len(inside)} midpoints, more than {words - 1}")
-        rows[c, 0] = below
-        rows[c, 1:1 + len(inside)] = inside.view(np.int32)
+    rows[:, 0] = below
+    rows[:, 1:1 + inside.shape[1]] = inside.view(np.int32)
     return np.tile(rows, (1, ROW_WORDS // words))
 
 
