@@ -1,6 +1,7 @@
-"""The qmatmul kernel past 64 tokens (session 4): step length and pipeline stages at 64-128 tokens.
+"""The qmatmul kernel past 64 tokens: step length and pipeline stages at 64-128 tokens (session
+4); token tiles, two warpgroups and the transposed in-place output up to 2048 tokens (session 7).
 
-    PYTHONPATH=. python3 experiments/kernel_tokens_gpu.py
+    PYTHONPATH=. SHAPES=4096x14336 TOKENS=128,2048 VARIANTS="k64 s4 x1 w2" python3 experiments/kernel_tokens_gpu.py
 Each variant (tile_k, stages) bypasses the kernel's own fitting, is checked against the XLA path on
 fresh inputs, then timed with CUPTI over 4 rotating weight sets (NF4 + DQ, block 64, bf16, whole
 call); the XLA path and the bf16 dot are timed in the same run.
@@ -15,12 +16,14 @@ from gpu_timing import per_call_us
 import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu as K
 
-# each variant: k<tile_k> s<stages> [x<split-K ways>] [w<compute warpgroups>] [p<probe>],
-# e.g. VARIANTS="k128 s2 x1;k128 s4 w2;k128 s2 pload"
+# each variant: k<tile_k> s<stages> [x<split-K ways>] [w<compute warpgroups>] [t<tokens per CTA>]
+# [p<probe>], e.g. VARIANTS="k128 s2 x1;k128 s4 w2;k64 s4 x1 w2 t256;k128 s2 pload"
 VARIANTS = os.environ.get("VARIANTS", "k128 s2;k128 s3;k256 s2;k64 s4;k64 s6").split(";")
-FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs", p="probe")
+FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs",
+              t="token_tile", p="probe")
 TOKENS = [int(t) for t in os.environ.get("TOKENS", "64,96,128").split(",")]
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+SHAPES = [tuple(map(int, s.split("x"))) for s in
+          os.environ.get("SHAPES", "4096x4096,4096x14336,14336x4096").split(",")]
 
 
 def fixed(variant):

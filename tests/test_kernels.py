@@ -53,12 +53,10 @@ def test_split_k_and_block_128(rng):
         close(out, ref, 1024)
 
 
-@pytest.mark.parametrize("case", ["130 tokens", "N=100", "K=288", "block 32", "affine", "int8", "f32"])
+@pytest.mark.parametrize("case", ["N=100", "K=288", "block 32", "affine", "int8", "f32"])
 def test_unsupported_inputs_raise_for_pallas_and_fall_back_for_auto(case, rng):
     k, n, m, kwargs, dtype = 512, 64, 4, {}, jnp.bfloat16
-    if case == "130 tokens":
-        m = 130
-    elif case == "N=100":
+    if case == "N=100":
         n = 100
     elif case == "K=288":  # not a multiple of 64 (the shortest step)
         k = 288
@@ -74,6 +72,28 @@ def test_unsupported_inputs_raise_for_pallas_and_fall_back_for_auto(case, rng):
         jq.qmatmul(x, q, implementation="pallas", interpret=True, compute_dtype=compute)
     auto = jq.qmatmul(x, q, implementation="auto", interpret=True, compute_dtype=compute)
     np.testing.assert_array_equal(auto, jq.qmatmul(x, q, implementation="xla", compute_dtype=compute))
+
+
+@pytest.mark.parametrize("m,block_sizes", [
+    (130, K.BlockSizes()),  # two token tiles of 128, each written transposed in place
+    (40, K.BlockSizes(token_tile=16, k_splits=1)),  # three tiles, the last one partly padding
+    (40, K.BlockSizes(token_tile=16, k_splits=2)),  # the same through float32 partial sums
+    (24, K.BlockSizes(compute_wgs=2, k_splits=1)),  # two warpgroups share x (warp specialized)
+    (24, K.BlockSizes(compute_wgs=2, k_splits=2, token_tile=8)),
+])
+def test_token_tiles_warpgroups_and_direct_output(m, block_sizes, rng):
+    q = make(rng, 512, 128, heavy=True)
+    x = jnp.asarray(rng.standard_normal((m, 512)), jnp.float32)
+    out = K.qmatmul(x, q, interpret=True, block_sizes=block_sizes)
+    assert out.shape == (m, 128) and out.dtype == jnp.float32
+    close(out, jq.qmatmul(x, q, implementation="xla"), 512)
+
+
+def test_auto_leaves_many_tokens_to_xla(monkeypatch, rng):
+    monkeypatch.setattr(platform, "hopper_present", lambda: True)
+    q = make(rng, 256, 64)
+    assert K.can_use(jnp.ones((K.AUTO_MAX_TOKENS, 256), jnp.bfloat16), q, jnp.bfloat16)
+    assert not K.can_use(jnp.ones((K.AUTO_MAX_TOKENS + 1, 256), jnp.bfloat16), q, jnp.bfloat16)
 
 
 def test_gradient_through_the_kernel_path(rng):
@@ -105,14 +125,19 @@ def test_auto_lowers_cpu_arrays_to_xla_on_a_hopper_machine(monkeypatch, rng):
     np.testing.assert_array_equal(out, jq.qmatmul(x, q, implementation="xla"))
 
 
-@pytest.mark.parametrize("m,qtype,dq", [(1, "nf4", True), (16, "fp4", False), (32, "int4", False),
-                                        (128, "nf4", True)])
-def test_kernel_lowers_for_hopper(m, qtype, dq, rng):
+@pytest.mark.parametrize("m,qtype,dq,block_sizes", [
+    (1, "nf4", True, K.BlockSizes()), (16, "fp4", False, K.BlockSizes()),
+    (32, "int4", False, K.BlockSizes()), (128, "nf4", True, K.BlockSizes()),
+    (300, "nf4", True, K.BlockSizes(k_splits=1)),  # token tiles, transposed in-place output
+    (256, "nf4", True, K.BlockSizes(compute_wgs=2, k_splits=1)),
+])
+def test_kernel_lowers_for_hopper(m, qtype, dq, block_sizes, rng):
     """Compile-time checks of the real Mosaic GPU lowering (layout inference, swizzles) on CPU:
     the interpreter does not run them, and an H100 run found the first failure here."""
     q = make(rng, 1024, 128, qtype, dq)
     x = jnp.asarray(rng.standard_normal((m, 1024)), jnp.bfloat16)
-    lowered = jax.jit(lambda x, q: K.qmatmul(x, q)).trace(x, q).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(lambda x, q: K.qmatmul(x, q, block_sizes=block_sizes)).trace(x, q).lower(
+        lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 

@@ -32,25 +32,41 @@ from jaxquant._src.qarray import QArray
 TILE_N = 64  # output features per warpgroup: the wgmma M dimension
 
 
+MAX_TOKENS = 128  # tokens per CTA, on the wgmma N side (padded to a multiple of 8, N <= 256)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     tile_k: int = 256  # elements of K per pipeline step (32 code words per row)
     max_concurrent_steps: int = 4  # at most: fewer when the steps' buffers pass STAGE_BUDGET
     k_splits: int | None = None  # split-K: CTAs per output tile; None picks enough to fill the GPU
     target_ctas: int | None = None  # None: 528 (4 per SM) up to 32 tokens, 256 beyond
+    token_tile: int = MAX_TOKENS  # tokens per CTA; more tokens run as several token tiles
+    compute_wgs: int = 1  # warpgroups per CTA sharing x: 1 (plain pipeline) or 2 (+1 for copies)
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads
 
 
-def _k_splits(k: int, n: int, m_pad: int, bs: BlockSizes) -> int:
-    """How many ways to split K so that (N/64) x splits CTAs fill the GPU, >= 2 steps each.
+def _pad_tokens(m: int) -> int:
+    return -(-m // 8) * 8
+
+
+def _token_tiling(m: int, bs: BlockSizes) -> tuple[int, int]:
+    """(tokens per CTA, tokens padded to a whole number of such tiles)."""
+    tokens = min(_pad_tokens(m), bs.token_tile)
+    return tokens, -(-m // tokens) * tokens
+
+
+def _k_splits(k: int, n: int, tokens: int, token_tiles: int, bs: BlockSizes) -> int:
+    """How many ways to split K so that the output tiles x splits CTAs fill the GPU, >= 2 steps
+    each; 1 (no split) when the output tiles alone fill it.
 
     Fewer CTAs are wanted for many tokens: each split writes float32 partial sums of
     N x tokens that XLA reads back, 29 MB at 4096x14336 and 128 tokens in 4 splits, and at 64+
     tokens that cost more than fuller waves gain (BUILD_NOTES, session 4)."""
     if bs.k_splits:
         return bs.k_splits
-    target = bs.target_ctas or (528 if m_pad <= 32 else 256)
-    steps, tiles = k // bs.tile_k, n // TILE_N
+    target = bs.target_ctas or (528 if tokens <= 32 else 256)
+    steps, tiles = k // bs.tile_k, n // (TILE_N * bs.compute_wgs) * token_tiles
     best = 1
     for s in range(1, steps // 2 + 1):
         if steps % s == 0 and tiles * s <= 2 * target:
@@ -60,27 +76,23 @@ def _k_splits(k: int, n: int, m_pad: int, bs: BlockSizes) -> int:
     return best
 
 
-MAX_TOKENS = 128  # tokens ride on the wgmma N side, padded to a multiple of 8 (wgmma N <= 256)
-
-
-def _pad_tokens(m: int) -> int:
-    return -(-m // 8) * 8
+AUTO_MAX_TOKENS = MAX_TOKENS  # auto leaves more tokens than this to XLA (faster there)
 
 
 def can_use(x, q: QArray, compute_dtype) -> bool:
-    """Whether the kernel handles these inputs on this backend (else callers fall back to XLA)."""
+    """Whether auto should run the kernel on these inputs on this backend (else XLA)."""
     try:
         _check_supported(x, q, compute_dtype)
     except NotImplementedError:
         return False
-    return platform.hopper_present()
+    return int(np.prod(x.shape[:-1])) <= AUTO_MAX_TOKENS and platform.hopper_present()
 
 
-def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, m_pad: int) -> BlockSizes:
+def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, tokens: int) -> BlockSizes:
     """Shorter steps for a K that the default step does not divide (SmolLM2's 576, say), and
     for many tokens, so that two steps of x still fit the stage budget."""
     longest = bs.tile_k
-    while longest > 64 and _step_bytes(longest, m_pad) > STAGE_BUDGET:
+    while longest > 64 and _step_bytes(longest, tokens, bs.compute_wgs) > STAGE_BUDGET:
         longest //= 2
     for tile_k in (longest, 128, 64):
         if k % tile_k == 0 and (tile_k % block_size == 0 or block_size % tile_k == 0):
@@ -91,14 +103,15 @@ def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, m_pad: int) -> BlockSiz
 STAGE_BUDGET = 48 * 1024  # shared memory for the pipelined steps: 4 CTAs fit an SM's 228 KB
 
 
-def _step_bytes(tile_k: int, m_pad: int) -> int:
-    return TILE_N * tile_k // 2 + m_pad * tile_k * 2  # codes + x
+def _step_bytes(tile_k: int, tokens: int, compute_wgs: int = 1) -> int:
+    return compute_wgs * TILE_N * tile_k // 2 + tokens * tile_k * 2  # codes + x
 
 
-def _fit_stages(bs: BlockSizes, m_pad: int) -> BlockSizes:
+def _fit_stages(bs: BlockSizes, tokens: int) -> BlockSizes:
     """Fewer pipeline stages (>= 2) for many tokens, so that 4 CTAs still share an SM: with 64
     tokens, 4 stages took 160 KB, one CTA per SM, and ran 1.4x slower (BUILD_NOTES, kernel v4)."""
-    stages = max(2, min(bs.max_concurrent_steps, STAGE_BUDGET // _step_bytes(bs.tile_k, m_pad)))
+    step = _step_bytes(bs.tile_k, tokens, bs.compute_wgs)
+    stages = max(2, min(bs.max_concurrent_steps, STAGE_BUDGET // step))
     return dataclasses.replace(bs, max_concurrent_steps=stages)
 
 
@@ -107,7 +120,9 @@ def _check_supported(x, q: QArray, compute_dtype,
     """The block sizes the kernel will use for these inputs, or NotImplementedError."""
     k, n = q.shape
     m = int(np.prod(x.shape[:-1]))
-    block_sizes = _fit_tile_k(k, q.block_size, block_sizes, _pad_tokens(m))
+    tokens, _ = _token_tiling(m, block_sizes)
+    block_sizes = _fit_tile_k(k, q.block_size, block_sizes, tokens)
+    rows = TILE_N * block_sizes.compute_wgs
     why = None
     if q.qtype not in ("nf4", "fp4", "int4") or q.zero_point is not None:
         why = f"qtype {q.qtype!r} (zero_point={q.zero_point is not None})"
@@ -115,13 +130,11 @@ def _check_supported(x, q: QArray, compute_dtype,
         why = f"compute dtype {np.dtype(compute_dtype)}"
     elif q.block_size % 64 or block_sizes.tile_k % q.block_size and q.block_size % block_sizes.tile_k:
         why = f"block_size {q.block_size} (needs a multiple of 64)"
-    elif k % block_sizes.tile_k or n % TILE_N:
-        why = f"shape K={k}, N={n} (needs K % {block_sizes.tile_k} == 0 and N % {TILE_N} == 0)"
-    elif m > MAX_TOKENS:
-        why = f"{m} tokens (the kernel takes up to {MAX_TOKENS})"
+    elif k % block_sizes.tile_k or n % rows:
+        why = f"shape K={k}, N={n} (needs K % {block_sizes.tile_k} == 0 and N % {rows} == 0)"
     if why:
         raise NotImplementedError(f"qmatmul_mgpu does not handle {why}")
-    return _fit_stages(block_sizes, _pad_tokens(m))
+    return _fit_stages(block_sizes, tokens)
 
 
 def _decode_chunk(codes, scale, chunk, values, dtype):
@@ -157,9 +170,32 @@ def _step_constants(consts_gmem, dq_gmem, ni, first_block, *, blocks, row_length
     return load(window, *dq_gmem)
 
 
-def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested_block, values,
+def _store_transposed(acc, out_smem, interpret: bool):
+    """``out_smem (tokens, 64) = acc.T``: the kernel computes W^T x^T (weights on the wgmma M
+    side), and writing the tile transposed gives the output its (tokens, N) layout directly."""
+    if interpret:
+        out_smem[...] = acc.T
+        return
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    def store(_, acc, ref):
+        from jax._src.lib.mlir.dialects import arith, memref, vector
+        from jax._src.lib.mlir import ir
+        index = ir.IndexType.get()
+        # each register holds 2 consecutive columns (tokens) of one row (output feature)
+        for idx, (row, col) in zip(np.ndindex(acc.registers.shape),
+                                   acc.layout.thread_idxs(acc.shape)):
+            for e in range(2):
+                token = arith.addi(col, arith.constant(index, e))
+                memref.store(vector.extract(acc.registers[idx], [], [e]), ref, [token, row])
+    store(acc, out_smem)
+
+
+def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, nested_block, values,
             compute_dtype, bs: BlockSizes, splits: int, interpret: bool):
     *dq_gmem, out_gmem = refs
+    wgs = bs.compute_wgs
+    mi = lax.axis_index("m")
     ni = lax.axis_index("n")
     si = lax.axis_index("s")
     steps = k // bs.tile_k // splits  # pipeline steps of this CTA's share of K
@@ -168,8 +204,12 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested
     chunk = nibble_lut.CHUNK
     blocks = max(1, bs.tile_k // block_size)  # constants per row per step
 
+    def tile():  # which 64 output features this warpgroup computes
+        return ni * wgs + lax.axis_index("wg") if wgs > 1 else ni
+
     def constants(kk):
-        return _step_constants(consts_gmem, dq_gmem, ni, (first + kk) * bs.tile_k // block_size,
+        return _step_constants(consts_gmem, dq_gmem, tile(),
+                               (first + kk) * bs.tile_k // block_size,
                                blocks=blocks, row_length=k // block_size,
                                nested_block=nested_block, interpret=interpret)
 
@@ -179,6 +219,8 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested
             return consts
         next_consts = (consts if bs.probe == "noconst"
                        else constants(lax.min(idx[0] + 1, steps - 1)))
+        if wgs > 1:  # the warpgroups share x and decode their own rows of the codes
+            codes_smem = codes_smem.at[pl.ds(lax.axis_index("wg") * TILE_N, TILE_N)]
         if not interpret:
             codes = plgpu.load(codes_smem, layout=plgpu.Layout.WGMMA)
         for j in range(bs.tile_k // chunk):
@@ -200,36 +242,78 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, m_pad, block_size, nested
     codes_swizzle = plgpu.find_swizzle(words * 32)
     codes_transforms = (plgpu.TilingTransform((8, codes_swizzle // 4)),
                         plgpu.SwizzleTransform(codes_swizzle))
+    in_specs = [
+        plgpu.BlockSpec((wgs * TILE_N, words), lambda kk: (ni, first + kk),
+                        transforms=codes_transforms),
+        plgpu.BlockSpec((tokens, bs.tile_k), lambda kk: (mi, first + kk),
+                        transforms=x_transforms),
+    ]
 
-    def acc_scope(acc_ref, a_smem=None):
-        plgpu.emit_pipeline(
-            lambda idx, codes, x, carry: step(idx, codes, x, carry, acc_ref, a_smem),
-            grid=(steps,),
-            in_specs=[
-                plgpu.BlockSpec((TILE_N, words), lambda kk: (ni, first + kk),
-                                transforms=codes_transforms),
-                plgpu.BlockSpec((m_pad, bs.tile_k), lambda kk: (0, first + kk),
-                                transforms=x_transforms),
-            ],
-            max_concurrent_steps=bs.max_concurrent_steps,
-            init_carry=constants(0),
-        )(words_gmem, x_gmem)
-        return acc_ref[...]
+    # Without a split of K, the tile is written transposed in the output's dtype, in place;
+    # with one, float32 partial sums (splits, N, tokens) that XLA adds up.
+    direct = splits == 1
+    out_block = (tokens, TILE_N) if direct else (TILE_N, tokens)
+    out_scratch = plgpu.SMEM((wgs, *out_block), out_gmem.dtype)
 
-    acc_type = plgpu.ACC((TILE_N, m_pad))
-    if interpret:  # the interpreter allocates registers and shared memory in separate scopes
-        acc = pl.run_scoped(lambda a_smem: pl.run_scoped(
-            functools.partial(acc_scope, a_smem=a_smem), acc_type),
-            plgpu.SMEM((TILE_N, chunk), compute_dtype))
-    else:
-        acc = pl.run_scoped(acc_scope, acc_type)
-
-    @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((TILE_N, m_pad), jnp.float32))
-    def _store(out_smem):
-        out_smem[...] = acc
+    def store(acc, out_smem):
+        if direct:
+            _store_transposed(acc.astype(out_gmem.dtype), out_smem, interpret)
+            target = out_gmem.at[pl.ds(mi * tokens, tokens), pl.ds(tile() * TILE_N, TILE_N)]
+        else:
+            out_smem[...] = acc
+            target = out_gmem.at[si, pl.ds(tile() * TILE_N, TILE_N), pl.ds(mi * tokens, tokens)]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, pl.ds(ni * TILE_N, TILE_N)])
+        plgpu.copy_smem_to_gmem(out_smem, target)
         plgpu.wait_smem_to_gmem(0)
+
+    acc_type = plgpu.ACC((TILE_N, tokens))
+    a_type = plgpu.SMEM((wgs, TILE_N, chunk), compute_dtype)  # the interpreter's wgmma operand
+    if wgs == 1:
+        def acc_scope(acc_ref, a_smem=None):
+            plgpu.emit_pipeline(
+                lambda idx, codes, x, carry: step(idx, codes, x, carry, acc_ref, a_smem),
+                grid=(steps,), in_specs=in_specs, max_concurrent_steps=bs.max_concurrent_steps,
+                init_carry=constants(0),
+            )(words_gmem, x_gmem)
+            return acc_ref[...]
+
+        if interpret:  # the interpreter allocates registers and shared memory in separate scopes
+            acc = pl.run_scoped(lambda a_smem: pl.run_scoped(
+                functools.partial(acc_scope, a_smem=a_smem.at[0]), acc_type), a_type)
+        else:
+            acc = pl.run_scoped(acc_scope, acc_type)
+        pl.run_scoped(lambda out_smem: store(acc, out_smem.at[0]), out_scratch)
+        return
+
+    # Several compute warpgroups share each step's x tile (half the L2 -> SMEM traffic of x at
+    # 2 warpgroups); a memory warpgroup issues the copies (warp specialization).
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+            num_compute_wgs=wgs, max_concurrent_steps=bs.max_concurrent_steps,
+            compute_context=context)
+
+    ignore = lambda *_, **__: None
+    scratch = dict(allocs=pipeline(ignore, ignore).get_allocations(words_gmem, x_gmem),
+                   out_smem=out_scratch)
+    if interpret:
+        scratch["a_smem"] = a_type
+
+    @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
+    def _scope(allocs, out_smem, a_smem=None):
+        wg = lax.axis_index("wg")
+        a_smem = None if a_smem is None else a_smem.at[wg]
+
+        def context(run_pipeline):
+            @functools.partial(pl.run_scoped, acc_ref=acc_type)
+            def _acc(acc_ref):
+                cell["acc"] = acc_ref
+                run_pipeline(constants(0))
+                store(acc_ref[...], out_smem.at[wg])
+
+        cell = {}
+        body = lambda idx, codes, x, carry: step(idx, codes, x, carry, cell["acc"], a_smem)
+        pipeline(body, context)(words_gmem, x_gmem, allocations=allocs)
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "interpret", "block_sizes"))
@@ -241,7 +325,7 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).astype(compute_dtype)
     m = x2.shape[0]
-    m_pad = _pad_tokens(m)
+    tokens, m_pad = _token_tiling(m, block_sizes)
     x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
     xp = x2[:, nibble_lut.permute_k(k)]  # (m_pad, K), in the decoded operand's k order
     words = lax.bitcast_convert_type(q.codes.reshape(n, k // 8, 4), jnp.int32)  # (N, K/8)
@@ -253,15 +337,21 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
         nested_block = nested.block_size
     else:
         consts, nested_block = [q.scale.reshape(n, k // q.block_size)], None
-    splits = _k_splits(k, n, m_pad, block_sizes)
+    token_tiles = m_pad // tokens
+    splits = _k_splits(k, n, tokens, token_tiles, block_sizes)
+    wgs = block_sizes.compute_wgs
     kernel = functools.partial(
-        _kernel, k=k, m_pad=m_pad, block_size=q.block_size, nested_block=nested_block,
+        _kernel, k=k, tokens=tokens, block_size=q.block_size, nested_block=nested_block,
         values=codebooks.QTYPES[q.qtype].values, compute_dtype=np.dtype(compute_dtype),
         bs=block_sizes, splits=splits, interpret=interpret)
+    out_type = (jax.ShapeDtypeStruct((m_pad, n), x.dtype) if splits == 1
+                else jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32))
+    # token tiles vary fastest: the CTAs that share a weight tile run together (one HBM read)
     call = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32),
-        grid=(n // TILE_N, splits), grid_names=("n", "s"),
+        kernel, out_type=out_type, grid=(token_tiles, n // (TILE_N * wgs), splits),
+        grid_names=("m", "n", "s"),
+        **(dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
-    out_t = call(words, xp, *consts).sum(0)  # split-K partial sums
-    return out_t[:, :m].T.reshape(*lead, n).astype(x.dtype)
-
+    out = call(words, xp, *consts)
+    out = out[:m] if splits == 1 else out.sum(0)[:, :m].T  # split-K partial sums
+    return out.reshape(*lead, n).astype(x.dtype)
