@@ -31,7 +31,7 @@ import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
-TOKENS = [1, 4, 16, 32, 64, 128, 512, 2048]
+TOKENS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048]
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 

@@ -9,13 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxquant as jq
+from jaxquant._src.kernels import qmatmul_mgpu as K
 
 rng = np.random.default_rng(7)
 worst = 0.0
 for qtype, dq, lead, k, n in [("nf4", True, (1,), 4096, 512), ("nf4", False, (3,), 1024, 192),
                               ("fp4", True, (17,), 2048, 320), ("int4", False, (2, 5), 512, 128),
                               ("nf4", True, (32,), 14336, 256), ("nf4", True, (2, 16), 768, 64),
-                              ("nf4", True, (100,), 4096, 256), ("fp4", False, (2, 64), 1024, 128)]:
+                              ("nf4", True, (100,), 4096, 256), ("fp4", False, (2, 64), 1024, 128),
+                              # many tokens: token tiles, the warp-specialized sizes, in-place output
+                              ("nf4", True, (130,), 4096, 14336), ("fp4", True, (300,), 4096, 14336),
+                              ("nf4", True, (2, 512), 4096, 4096), ("int4", False, (1024,), 14336, 4096),
+                              ("nf4", False, (200,), 1024, 192)]:
     for heavy in (False, True):
         w = rng.standard_normal((k, n)).astype(np.float32) * 0.02
         if heavy:
@@ -28,7 +33,9 @@ for qtype, dq, lead, k, n in [("nf4", True, (1,), 4096, 512), ("nf4", False, (3,
         rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
         worst = max(worst, rel)
         same_auto = bool(jnp.array_equal(auto, out))
-        print(f"{qtype:<5} dq={dq!s:<5} heavy={heavy!s:<5} x{lead}  K={k:<6} N={n:<4} rel err {rel:.1e}  "
-              f"auto=kernel: {same_auto}", flush=True)
+        sizes = K._check_supported(x, q, jnp.bfloat16)
+        print(f"{qtype:<5} dq={dq!s:<5} heavy={heavy!s:<5} x{lead}  K={k:<6} N={n:<5} rel err {rel:.1e}  "
+              f"auto=kernel: {same_auto}  (warpgroups {sizes.compute_wgs}, token tile "
+              f"{K._token_tiling(int(np.prod(lead)), sizes)[0]}, tile_k {sizes.tile_k})", flush=True)
 assert worst < 5e-3, worst
 print(f"worst relative error {worst:.1e} (bf16 operands, f32 accumulation)")

@@ -17,10 +17,10 @@ import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu as K
 
 # each variant: k<tile_k> s<stages> [x<split-K ways>] [w<compute warpgroups>] [t<tokens per CTA>]
-# [p<probe>], e.g. VARIANTS="k128 s2 x1;k128 s4 w2;k64 s4 x1 w2 t256;k128 s2 pload"
+# [d<delay_release>] [c<cluster>] [r1: store from registers] [p<probe>], e.g. VARIANTS="k128 s2 x1;k128 s4 w2;k64 s4 x1 w2 t256;k128 s2 pload"
 VARIANTS = os.environ.get("VARIANTS", "k128 s2;k128 s3;k256 s2;k64 s4;k64 s6").split(";")
-FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs",
-              t="token_tile", p="probe")
+FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs", d="delay_release",
+              t="token_tile", c="cluster", r="store_from_registers", p="probe")
 TOKENS = [int(t) for t in os.environ.get("TOKENS", "64,96,128").split(",")]
 SHAPES = [tuple(map(int, s.split("x"))) for s in
           os.environ.get("SHAPES", "4096x4096,4096x14336,14336x4096").split(",")]

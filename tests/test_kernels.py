@@ -80,6 +80,8 @@ def test_unsupported_inputs_raise_for_pallas_and_fall_back_for_auto(case, rng):
     (40, K.BlockSizes(token_tile=16, k_splits=2)),  # the same through float32 partial sums
     (24, K.BlockSizes(compute_wgs=2, k_splits=1)),  # two warpgroups share x (warp specialized)
     (24, K.BlockSizes(compute_wgs=2, k_splits=2, token_tile=8)),
+    (24, K.BlockSizes(compute_wgs=2, k_splits=1, delay_release=1, tile_k=64)),
+    (9, K.BlockSizes(delay_release=1, tile_k=64)),
 ])
 def test_token_tiles_warpgroups_and_direct_output(m, block_sizes, rng):
     q = make(rng, 512, 128, heavy=True)
@@ -87,6 +89,24 @@ def test_token_tiles_warpgroups_and_direct_output(m, block_sizes, rng):
     out = K.qmatmul(x, q, interpret=True, block_sizes=block_sizes)
     assert out.shape == (m, 128) and out.dtype == jnp.float32
     close(out, jq.qmatmul(x, q, implementation="xla"), 512)
+
+
+@pytest.mark.parametrize("m,n,many", [(256, 14336, True), (1024, 4096, True), (96, 14336, True),
+                                      (256, 4096, False), (64, 14336, False), (512, 14400, False)])
+def test_many_tokens_on_wide_outputs_take_the_warp_specialized_sizes(m, n, many):
+    q = jq.QArray(codes=np.zeros((n, 2048), np.uint8), scale=np.ones((n, 64), np.float32),
+                  shape=(4096, n), qtype="nf4", block_size=64, axis=0)
+    chosen = K._check_supported(jnp.zeros((m, 4096), jnp.bfloat16), q, jnp.bfloat16)
+    assert (chosen.compute_wgs == 2 and chosen.k_splits == 1) == many
+
+
+def test_warp_specialized_sizes_through_the_public_call(monkeypatch, rng):
+    monkeypatch.setattr(K, "MANY_TOKENS_MIN_CTAS", 1)  # at a shape the interpreter can afford
+    q = make(rng, 256, 256, heavy=True)
+    x = jnp.asarray(rng.standard_normal((2, 50, 256)), jnp.bfloat16)
+    assert K._check_supported(x, q, jnp.bfloat16).compute_wgs == 2
+    out = jq.qmatmul(x, q, implementation="pallas", interpret=True)
+    close(out, jq.qmatmul(x, q, implementation="xla"), 256)
 
 
 def test_auto_leaves_many_tokens_to_xla(monkeypatch, rng):
@@ -130,11 +150,16 @@ def test_auto_lowers_cpu_arrays_to_xla_on_a_hopper_machine(monkeypatch, rng):
     (32, "int4", False, K.BlockSizes()), (128, "nf4", True, K.BlockSizes()),
     (300, "nf4", True, K.BlockSizes(k_splits=1)),  # token tiles, transposed in-place output
     (256, "nf4", True, K.BlockSizes(compute_wgs=2, k_splits=1)),
+    (512, "nf4", True, K.BlockSizes(compute_wgs=2, k_splits=1, delay_release=1, token_tile=256,
+                                    tile_k=64)),
+    (512, "nf4", True, K.BlockSizes(compute_wgs=2, k_splits=1, token_tile=256, cluster=2,
+                                    store_from_registers=True)),
+    (300, "fp4", True, K.BlockSizes(k_splits=1, store_from_registers=True)),
 ])
 def test_kernel_lowers_for_hopper(m, qtype, dq, block_sizes, rng):
     """Compile-time checks of the real Mosaic GPU lowering (layout inference, swizzles) on CPU:
     the interpreter does not run them, and an H100 run found the first failure here."""
-    q = make(rng, 1024, 128, qtype, dq)
+    q = make(rng, 1024, 256, qtype, dq)
     x = jnp.asarray(rng.standard_normal((m, 1024)), jnp.bfloat16)
     lowered = jax.jit(lambda x, q: K.qmatmul(x, q, block_sizes=block_sizes)).trace(x, q).lower(
         lowering_platforms=("cuda",))

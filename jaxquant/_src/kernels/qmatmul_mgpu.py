@@ -43,7 +43,20 @@ class BlockSizes:
     target_ctas: int | None = None  # None: 528 (4 per SM) up to 32 tokens, 256 beyond
     token_tile: int = MAX_TOKENS  # tokens per CTA; more tokens run as several token tiles
     compute_wgs: int = 1  # warpgroups per CTA sharing x: 1 (plain pipeline) or 2 (+1 for copies)
+    # 1: a step returns with its last wgmma still running (the tensor cores stay busy while the
+    # next step decodes); its buffers are released one step later
+    delay_release: int = 0
+    # CTAs (along N) in a cluster that receive each x tile by one multicast copy (cuts the
+    # L2 -> SMEM traffic of x, which bounds many tokens); warp-specialized kernels only
+    cluster: int = 1
+    # without split-K: write the output tile from registers straight to HBM (frees the shared
+    # memory of the staging buffer for pipeline stages) instead of through SMEM and a TMA copy
+    store_from_registers: bool = False
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads
+
+
+def _rows_per_cta(bs: BlockSizes) -> int:
+    return TILE_N * bs.compute_wgs * bs.cluster
 
 
 def _pad_tokens(m: int) -> int:
@@ -66,7 +79,7 @@ def _k_splits(k: int, n: int, tokens: int, token_tiles: int, bs: BlockSizes) -> 
     if bs.k_splits:
         return bs.k_splits
     target = bs.target_ctas or (528 if tokens <= 32 else 256)
-    steps, tiles = k // bs.tile_k, n // (TILE_N * bs.compute_wgs) * token_tiles
+    steps, tiles = k // bs.tile_k, n // _rows_per_cta(bs) * token_tiles
     best = 1
     for s in range(1, steps // 2 + 1):
         if steps % s == 0 and tiles * s <= 2 * target:
@@ -76,7 +89,26 @@ def _k_splits(k: int, n: int, tokens: int, token_tiles: int, bs: BlockSizes) -> 
     return best
 
 
-AUTO_MAX_TOKENS = MAX_TOKENS  # auto leaves more tokens than this to XLA (faster there)
+# auto leaves more tokens than this to XLA: at 2048 tokens XLA's dequantize + cuBLAS gemm is
+# 0.84-0.87x a bf16 dot and the kernel 0.76-0.78x; at 1024 the kernel wins 2 of 3 shapes
+# (H100, BUILD_NOTES session 7)
+AUTO_MAX_TOKENS = 1024
+# Many tokens on a wide output: two warpgroups share 256-token x tiles (half the x traffic per
+# weight row, each weight tile decoded once per 256 tokens) and write their tiles in place.
+# At 4096x14336 and 256 tokens 76.6 -> 56.9 us; with fewer than ~100 such CTAs the GPU is not
+# filled and the split-K kernel stays faster (4096x4096, 256 tokens: 29.2 vs 51.3 us).
+MANY_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=2, k_splits=1, token_tile=256,
+                         compute_wgs=2)
+MANY_TOKENS_MIN_CTAS = 100
+
+
+def _default_for(m: int, n: int, bs: BlockSizes) -> BlockSizes:
+    """The caller's block sizes, or for the defaults the ones that suit this many tokens."""
+    if bs != BlockSizes() or m <= 64 or n % _rows_per_cta(MANY_TOKENS):
+        return bs
+    tokens, m_pad = _token_tiling(m, MANY_TOKENS)
+    ctas = n // _rows_per_cta(MANY_TOKENS) * (m_pad // tokens)
+    return MANY_TOKENS if ctas >= MANY_TOKENS_MIN_CTAS else bs
 
 
 def can_use(x, q: QArray, compute_dtype) -> bool:
@@ -92,7 +124,9 @@ def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, tokens: int) -> BlockSi
     """Shorter steps for a K that the default step does not divide (SmolLM2's 576, say), and
     for many tokens, so that two steps of x still fit the stage budget."""
     longest = bs.tile_k
-    while longest > 64 and _step_bytes(longest, tokens, bs.compute_wgs) > STAGE_BUDGET:
+    # one step within the budget (4 CTAs per SM); warp specialized: two steps (1 CTA per SM)
+    limit = STAGE_BUDGET if bs.compute_wgs == 1 else WS_STAGE_BUDGET // 2
+    while longest > 64 and _step_bytes(longest, tokens, bs.compute_wgs) > limit:
         longest //= 2
     for tile_k in (longest, 128, 64):
         if k % tile_k == 0 and (tile_k % block_size == 0 or block_size % tile_k == 0):
@@ -101,6 +135,12 @@ def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, tokens: int) -> BlockSi
 
 
 STAGE_BUDGET = 48 * 1024  # shared memory for the pipelined steps: 4 CTAs fit an SM's 228 KB
+# a warp-specialized CTA has the SM to itself (registers), less its 64 KB output staging buffer
+WS_STAGE_BUDGET = 144 * 1024
+
+
+def _stage_budget(bs: BlockSizes) -> int:
+    return WS_STAGE_BUDGET if bs.compute_wgs > 1 else STAGE_BUDGET
 
 
 def _step_bytes(tile_k: int, tokens: int, compute_wgs: int = 1) -> int:
@@ -111,7 +151,7 @@ def _fit_stages(bs: BlockSizes, tokens: int) -> BlockSizes:
     """Fewer pipeline stages (>= 2) for many tokens, so that 4 CTAs still share an SM: with 64
     tokens, 4 stages took 160 KB, one CTA per SM, and ran 1.4x slower (BUILD_NOTES, kernel v4)."""
     step = _step_bytes(bs.tile_k, tokens, bs.compute_wgs)
-    stages = max(2, min(bs.max_concurrent_steps, STAGE_BUDGET // step))
+    stages = max(2, min(bs.max_concurrent_steps, _stage_budget(bs) // step))
     return dataclasses.replace(bs, max_concurrent_steps=stages)
 
 
@@ -120,9 +160,14 @@ def _check_supported(x, q: QArray, compute_dtype,
     """The block sizes the kernel will use for these inputs, or NotImplementedError."""
     k, n = q.shape
     m = int(np.prod(x.shape[:-1]))
+    block_sizes = _default_for(m, n, block_sizes)
     tokens, _ = _token_tiling(m, block_sizes)
     block_sizes = _fit_tile_k(k, q.block_size, block_sizes, tokens)
-    rows = TILE_N * block_sizes.compute_wgs
+    rows = _rows_per_cta(block_sizes)
+    if block_sizes.cluster > 1 and (block_sizes.compute_wgs == 1 or tokens // 8 % block_sizes.cluster):
+        # the multicast copy splits x's tile between the CTAs by whole 8-token rows
+        raise NotImplementedError(f"qmatmul_mgpu does not handle a cluster of {block_sizes.cluster} "
+                                  f"with {tokens} tokens per CTA or without warp specialization")
     why = None
     if q.qtype not in ("nf4", "fp4", "int4") or q.zero_point is not None:
         why = f"qtype {q.qtype!r} (zero_point={q.zero_point is not None})"
@@ -170,11 +215,11 @@ def _step_constants(consts_gmem, dq_gmem, ni, first_block, *, blocks, row_length
     return load(window, *dq_gmem)
 
 
-def _store_transposed(acc, out_smem, interpret: bool):
-    """``out_smem (tokens, 64) = acc.T``: the kernel computes W^T x^T (weights on the wgmma M
-    side), and writing the tile transposed gives the output its (tokens, N) layout directly."""
+def _store_transposed(acc, out_ref, interpret: bool):
+    """``out_ref (tokens, 64) = acc.T`` (in SMEM or HBM): the kernel computes W^T x^T (weights on
+    the wgmma M side), and writing the tile transposed gives the output its (tokens, N) layout."""
     if interpret:
-        out_smem[...] = acc.T
+        out_ref[...] = acc.T
         return
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
@@ -188,7 +233,7 @@ def _store_transposed(acc, out_smem, interpret: bool):
             for e in range(2):
                 token = arith.addi(col, arith.constant(index, e))
                 memref.store(vector.extract(acc.registers[idx], [], [e]), ref, [token, row])
-    store(acc, out_smem)
+    store(acc, out_ref)
 
 
 def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, nested_block, values,
@@ -203,6 +248,9 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
     words = bs.tile_k // 8  # int32 code words per row per step
     chunk = nibble_lut.CHUNK
     blocks = max(1, bs.tile_k // block_size)  # constants per row per step
+
+    if bs.cluster > 1:
+        ni = ni * bs.cluster + lax.axis_index("cluster")
 
     def tile():  # which 64 output features this warpgroup computes
         return ni * wgs + lax.axis_index("wg") if wgs > 1 else ni
@@ -235,7 +283,8 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 plgpu.wgmma_wait(0)
             else:
                 plgpu.wgmma(acc_ref, _decode_chunk(codes, s, j, values, compute_dtype), x_chunk)
-        plgpu.wgmma_wait(0)  # the pipeline reuses this step's buffers after we return
+        # the pipeline reuses this step's buffers after we return (delay_release steps later)
+        plgpu.wgmma_wait(bs.delay_release)
         return next_consts
 
     x_transforms = (plgpu.TilingTransform((8, chunk)), plgpu.SwizzleTransform(2 * chunk))
@@ -244,21 +293,26 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                         plgpu.SwizzleTransform(codes_swizzle))
     in_specs = [
         plgpu.BlockSpec((wgs * TILE_N, words), lambda kk: (ni, first + kk),
-                        transforms=codes_transforms),
+                        transforms=codes_transforms, delay_release=bs.delay_release),
         plgpu.BlockSpec((tokens, bs.tile_k), lambda kk: (mi, first + kk),
-                        transforms=x_transforms),
+                        transforms=x_transforms, delay_release=bs.delay_release,
+                        collective_axes=("cluster",) if bs.cluster > 1 else ()),
     ]
 
     # Without a split of K, the tile is written transposed in the output's dtype, in place;
     # with one, float32 partial sums (splits, N, tokens) that XLA adds up.
     direct = splits == 1
+    from_registers = direct and bs.store_from_registers and not interpret
     out_block = (tokens, TILE_N) if direct else (TILE_N, tokens)
-    out_scratch = plgpu.SMEM((wgs, *out_block), out_gmem.dtype)
+    out_scratch = None if from_registers else plgpu.SMEM((wgs, *out_block), out_gmem.dtype)
 
     def store(acc, out_smem):
         if direct:
-            _store_transposed(acc.astype(out_gmem.dtype), out_smem, interpret)
             target = out_gmem.at[pl.ds(mi * tokens, tokens), pl.ds(tile() * TILE_N, TILE_N)]
+            if from_registers:
+                _store_transposed(acc.astype(out_gmem.dtype), target, interpret)
+                return
+            _store_transposed(acc.astype(out_gmem.dtype), out_smem, interpret)
         else:
             out_smem[...] = acc
             target = out_gmem.at[si, pl.ds(tile() * TILE_N, TILE_N), pl.ds(mi * tokens, tokens)]
@@ -275,6 +329,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 grid=(steps,), in_specs=in_specs, max_concurrent_steps=bs.max_concurrent_steps,
                 init_carry=constants(0),
             )(words_gmem, x_gmem)
+            plgpu.wgmma_wait(0)
             return acc_ref[...]
 
         if interpret:  # the interpreter allocates registers and shared memory in separate scopes
@@ -282,7 +337,10 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 functools.partial(acc_scope, a_smem=a_smem.at[0]), acc_type), a_type)
         else:
             acc = pl.run_scoped(acc_scope, acc_type)
-        pl.run_scoped(lambda out_smem: store(acc, out_smem.at[0]), out_scratch)
+        if from_registers:
+            store(acc, None)
+        else:
+            pl.run_scoped(lambda out_smem: store(acc, out_smem.at[0]), out_scratch)
         return
 
     # Several compute warpgroups share each step's x tile (half the L2 -> SMEM traffic of x at
@@ -294,13 +352,14 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             compute_context=context)
 
     ignore = lambda *_, **__: None
-    scratch = dict(allocs=pipeline(ignore, ignore).get_allocations(words_gmem, x_gmem),
-                   out_smem=out_scratch)
+    scratch = dict(allocs=pipeline(ignore, ignore).get_allocations(words_gmem, x_gmem))
+    if out_scratch is not None:
+        scratch["out_smem"] = out_scratch
     if interpret:
         scratch["a_smem"] = a_type
 
     @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
-    def _scope(allocs, out_smem, a_smem=None):
+    def _scope(allocs, out_smem=None, a_smem=None):
         wg = lax.axis_index("wg")
         a_smem = None if a_smem is None else a_smem.at[wg]
 
@@ -309,7 +368,8 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             def _acc(acc_ref):
                 cell["acc"] = acc_ref
                 run_pipeline(constants(0))
-                store(acc_ref[...], out_smem.at[wg])
+                plgpu.wgmma_wait(0)
+                store(acc_ref[...], None if out_smem is None else out_smem.at[wg])
 
         cell = {}
         body = lambda idx, codes, x, carry: step(idx, codes, x, carry, cell["acc"], a_smem)
@@ -347,10 +407,13 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     out_type = (jax.ShapeDtypeStruct((m_pad, n), x.dtype) if splits == 1
                 else jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32))
     # token tiles vary fastest: the CTAs that share a weight tile run together (one HBM read)
+    extra = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
+    if block_sizes.cluster > 1:
+        extra.update(cluster=(1, block_sizes.cluster, 1),
+                     cluster_names=("cluster_m", "cluster", "cluster_s"))
     call = plgpu.kernel(
-        kernel, out_type=out_type, grid=(token_tiles, n // (TILE_N * wgs), splits),
-        grid_names=("m", "n", "s"),
-        **(dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}),
+        kernel, out_type=out_type, grid=(token_tiles, n // _rows_per_cta(block_sizes), splits),
+        grid_names=("m", "n", "s"), **extra,
         interpret=plgpu.InterpretGPUParams() if interpret else None)
     out = call(words, xp, *consts)
     out = out[:m] if splits == 1 else out.sum(0)[:, :m].T  # split-K partial sums
