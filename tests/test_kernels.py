@@ -111,7 +111,11 @@ def test_warp_specialized_sizes_through_the_public_call(monkeypatch, rng):
 
 def test_auto_leaves_many_tokens_to_xla(monkeypatch, rng):
     monkeypatch.setattr(platform, "hopper_present", lambda: True)
-    q = make(rng, 256, 64)
+    q = make(rng, 256, 64)  # too narrow for the warp-specialized sizes: split-K up to its limit
+    assert K.can_use(jnp.ones((K.AUTO_SPLIT_K_MAX_TOKENS, 256), jnp.bfloat16), q, jnp.bfloat16)
+    assert not K.can_use(jnp.ones((K.AUTO_SPLIT_K_MAX_TOKENS + 1, 256), jnp.bfloat16), q, jnp.bfloat16)
+    monkeypatch.setattr(K, "MANY_TOKENS_MIN_CTAS", 1)
+    q = make(rng, 256, 128)
     assert K.can_use(jnp.ones((K.AUTO_MAX_TOKENS, 256), jnp.bfloat16), q, jnp.bfloat16)
     assert not K.can_use(jnp.ones((K.AUTO_MAX_TOKENS + 1, 256), jnp.bfloat16), q, jnp.bfloat16)
 

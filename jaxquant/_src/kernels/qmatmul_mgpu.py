@@ -11,6 +11,12 @@ lookups straight into wgmma's register operand layout (``nibble_lut``); x's cont
 permuted once in XLA to match, so no data moves between threads. The block constants are read
 from the QArray's own storage (double-quantized ones decoded in registers, ``block_constants``),
 one step ahead of their use.
+
+Tokens beyond one CTA's tile (``token_tile``) run on a grid axis of token tiles, fastest-varying so
+the CTAs sharing a weight tile read it from HBM once. For many tokens on a wide output
+(``MANY_TOKENS``) two warpgroups decode 64 rows each against one shared 256-token x tile, fed by a
+third that issues the copies (warp specialization). Without split-K each tile is stored
+transposed, in the output's dtype, straight into the ``(tokens, N)`` result.
 """
 
 from __future__ import annotations
@@ -111,13 +117,20 @@ def _default_for(m: int, n: int, bs: BlockSizes) -> BlockSizes:
     return MANY_TOKENS if ctas >= MANY_TOKENS_MIN_CTAS else bs
 
 
+# past this many tokens the split-K kernel (too few CTAs for the warp-specialized sizes) is 4-5%
+# slower than XLA (4096x4096 and 14336x4096 at 512 tokens; bench_qmatmul, session 7)
+AUTO_SPLIT_K_MAX_TOKENS = 256
+
+
 def can_use(x, q: QArray, compute_dtype) -> bool:
     """Whether auto should run the kernel on these inputs on this backend (else XLA)."""
     try:
-        _check_supported(x, q, compute_dtype)
+        sizes = _check_supported(x, q, compute_dtype)
     except NotImplementedError:
         return False
-    return int(np.prod(x.shape[:-1])) <= AUTO_MAX_TOKENS and platform.hopper_present()
+    m = int(np.prod(x.shape[:-1]))
+    faster = m <= (AUTO_MAX_TOKENS if sizes.compute_wgs > 1 else AUTO_SPLIT_K_MAX_TOKENS)
+    return faster and platform.hopper_present()
 
 
 def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, tokens: int) -> BlockSizes:
