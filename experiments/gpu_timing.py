@@ -1,4 +1,5 @@
-"""CUPTI kernel time per call, shared by the GPU experiments (the way ANCHORS.md was measured)."""
+"""Shared by the GPU experiments: CUPTI kernel time per call (the way ANCHORS.md was measured),
+and qmatmul block sizes from a short variant string."""
 
 import statistics
 
@@ -15,3 +16,17 @@ def per_call_us(f, sets, iterations=10):
     jax.block_until_ready(run_all(sets))
     _, times_ms = profiler.measure(run_all, iterations=iterations)(sets)
     return statistics.median(times_ms) / len(sets) * 1e3
+
+
+# a variant: k<tile_k> s<stages> [x<split-K ways>] [w<compute warpgroups>] [t<tokens per CTA>]
+# [p<probe>], e.g. "k128 s2 x1 w2 t256" or "k128 s2 pload"
+FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs", t="token_tile",
+              p="probe")
+
+
+def block_sizes(variant: str):
+    """The qmatmul kernel's ``BlockSizes`` for a variant string (the defaults for "")."""
+    from jaxquant._src.kernels import qmatmul_mgpu as K
+
+    return K.BlockSizes(**{FIELDS[f[0]]: f[1:] if f[0] == "p" else int(f[1:])
+                           for f in variant.split()})

@@ -11,16 +11,13 @@ import os
 
 import jax
 import jax.numpy as jnp
-from gpu_timing import per_call_us
+from gpu_timing import block_sizes, per_call_us
 
 import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu as K
 
-# each variant: k<tile_k> s<stages> [x<split-K ways>] [w<compute warpgroups>] [t<tokens per CTA>]
-# [d<delay_release>] [c<cluster>] [r1: store from registers] [p<probe>], e.g. VARIANTS="k128 s2 x1;k128 s4 w2;k64 s4 x1 w2 t256;k128 s2 pload"
+# variants as in gpu_timing.block_sizes, e.g. VARIANTS="k128 s2 x1;k128 s4 w2;k128 s2 pload"
 VARIANTS = os.environ.get("VARIANTS", "k128 s2;k128 s3;k256 s2;k64 s4;k64 s6").split(";")
-FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs", d="delay_release",
-              t="token_tile", c="cluster", r="store_from_registers", p="probe")
 TOKENS = [int(t) for t in os.environ.get("TOKENS", "64,96,128").split(",")]
 SHAPES = [tuple(map(int, s.split("x"))) for s in
           os.environ.get("SHAPES", "4096x4096,4096x14336,14336x4096").split(",")]
@@ -28,8 +25,7 @@ SHAPES = [tuple(map(int, s.split("x"))) for s in
 
 def fixed(variant):
     """The kernel with exactly these block sizes (its fitting of steps and stages bypassed)."""
-    bs = K.BlockSizes(**{FIELDS[f[0]]: f[1:] if f[0] == "p" else int(f[1:])
-                         for f in variant.split()})
+    bs = block_sizes(variant)
     fit_k, fit_stages = K._fit_tile_k, K._fit_stages
 
     def call(x, q):

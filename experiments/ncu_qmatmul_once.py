@@ -12,15 +12,14 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
+from gpu_timing import block_sizes
 from jaxquant._src.kernels import qmatmul_mgpu as K
 
 w = jax.random.normal(jax.random.key(0), (4096, 14336), jnp.bfloat16) * 0.02
 q = jq.quantize(w, "nf4", 64, axis=0, double_quant=True, check_finite=False)
 x = jax.random.normal(jax.random.key(1), (int(os.environ.get("TOKENS", 1)), 4096), jnp.bfloat16)
-FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs", d="delay_release",
-              t="token_tile", c="cluster", r="store_from_registers", p="probe")
 variant = os.environ.get("VARIANT", "")
-bs = K.BlockSizes(**{FIELDS[f[0]]: f[1:] if f[0] == "p" else int(f[1:]) for f in variant.split()})
+bs = block_sizes(variant)
 if variant:  # exactly these block sizes, the kernel's own fitting bypassed
     K._fit_tile_k, K._fit_stages = (lambda k, b, bs, m: bs), (lambda bs, m: bs)
 f = jax.jit(lambda x, q: K.qmatmul(x, q, block_sizes=bs))

@@ -49,20 +49,11 @@ class BlockSizes:
     target_ctas: int | None = None  # None: 528 (4 per SM) up to 32 tokens, 256 beyond
     token_tile: int = MAX_TOKENS  # tokens per CTA; more tokens run as several token tiles
     compute_wgs: int = 1  # warpgroups per CTA sharing x: 1 (plain pipeline) or 2 (+1 for copies)
-    # 1: a step returns with its last wgmma still running (the tensor cores stay busy while the
-    # next step decodes); its buffers are released one step later
-    delay_release: int = 0
-    # CTAs (along N) in a cluster that receive each x tile by one multicast copy (cuts the
-    # L2 -> SMEM traffic of x, which bounds many tokens); warp-specialized kernels only
-    cluster: int = 1
-    # without split-K: write the output tile from registers straight to HBM (frees the shared
-    # memory of the staging buffer for pipeline stages) instead of through SMEM and a TMA copy
-    store_from_registers: bool = False
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads
 
 
 def _rows_per_cta(bs: BlockSizes) -> int:
-    return TILE_N * bs.compute_wgs * bs.cluster
+    return TILE_N * bs.compute_wgs
 
 
 def _pad_tokens(m: int) -> int:
@@ -177,10 +168,6 @@ def _check_supported(x, q: QArray, compute_dtype,
     tokens, _ = _token_tiling(m, block_sizes)
     block_sizes = _fit_tile_k(k, q.block_size, block_sizes, tokens)
     rows = _rows_per_cta(block_sizes)
-    if block_sizes.cluster > 1 and (block_sizes.compute_wgs == 1 or tokens // 8 % block_sizes.cluster):
-        # the multicast copy splits x's tile between the CTAs by whole 8-token rows
-        raise NotImplementedError(f"qmatmul_mgpu does not handle a cluster of {block_sizes.cluster} "
-                                  f"with {tokens} tokens per CTA or without warp specialization")
     why = None
     if q.qtype not in ("nf4", "fp4", "int4") or q.zero_point is not None:
         why = f"qtype {q.qtype!r} (zero_point={q.zero_point is not None})"
@@ -229,8 +216,8 @@ def _step_constants(consts_gmem, dq_gmem, ni, first_block, *, blocks, row_length
 
 
 def _store_transposed(acc, out_ref, interpret: bool):
-    """``out_ref (tokens, 64) = acc.T`` (in SMEM or HBM): the kernel computes W^T x^T (weights on
-    the wgmma M side), and writing the tile transposed gives the output its (tokens, N) layout."""
+    """``out_ref (tokens, 64) = acc.T`` in SMEM: the kernel computes W^T x^T (weights on the wgmma
+    M side), and writing the tile transposed gives the output its (tokens, N) layout."""
     if interpret:
         out_ref[...] = acc.T
         return
@@ -261,9 +248,6 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
     words = bs.tile_k // 8  # int32 code words per row per step
     chunk = nibble_lut.CHUNK
     blocks = max(1, bs.tile_k // block_size)  # constants per row per step
-
-    if bs.cluster > 1:
-        ni = ni * bs.cluster + lax.axis_index("cluster")
 
     def tile():  # which 64 output features this warpgroup computes
         return ni * wgs + lax.axis_index("wg") if wgs > 1 else ni
@@ -296,8 +280,10 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 plgpu.wgmma_wait(0)
             else:
                 plgpu.wgmma(acc_ref, _decode_chunk(codes, s, j, values, compute_dtype), x_chunk)
-        # the pipeline reuses this step's buffers after we return (delay_release steps later)
-        plgpu.wgmma_wait(bs.delay_release)
+        # the pipeline reuses this step's buffers after we return; and the decoded A operand
+        # lives in registers, which a wgmma still running into the next step found reused
+        # (wrong results on the H100 with delay_release=1, BUILD_NOTES session 7)
+        plgpu.wgmma_wait(0)
         return next_consts
 
     x_transforms = (plgpu.TilingTransform((8, chunk)), plgpu.SwizzleTransform(2 * chunk))
@@ -306,26 +292,21 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                         plgpu.SwizzleTransform(codes_swizzle))
     in_specs = [
         plgpu.BlockSpec((wgs * TILE_N, words), lambda kk: (ni, first + kk),
-                        transforms=codes_transforms, delay_release=bs.delay_release),
+                        transforms=codes_transforms),
         plgpu.BlockSpec((tokens, bs.tile_k), lambda kk: (mi, first + kk),
-                        transforms=x_transforms, delay_release=bs.delay_release,
-                        collective_axes=("cluster",) if bs.cluster > 1 else ()),
+                        transforms=x_transforms),
     ]
 
     # Without a split of K, the tile is written transposed in the output's dtype, in place;
     # with one, float32 partial sums (splits, N, tokens) that XLA adds up.
     direct = splits == 1
-    from_registers = direct and bs.store_from_registers and not interpret
     out_block = (tokens, TILE_N) if direct else (TILE_N, tokens)
-    out_scratch = None if from_registers else plgpu.SMEM((wgs, *out_block), out_gmem.dtype)
+    out_scratch = plgpu.SMEM((wgs, *out_block), out_gmem.dtype)
 
     def store(acc, out_smem):
         if direct:
-            target = out_gmem.at[pl.ds(mi * tokens, tokens), pl.ds(tile() * TILE_N, TILE_N)]
-            if from_registers:
-                _store_transposed(acc.astype(out_gmem.dtype), target, interpret)
-                return
             _store_transposed(acc.astype(out_gmem.dtype), out_smem, interpret)
+            target = out_gmem.at[pl.ds(mi * tokens, tokens), pl.ds(tile() * TILE_N, TILE_N)]
         else:
             out_smem[...] = acc
             target = out_gmem.at[si, pl.ds(tile() * TILE_N, TILE_N), pl.ds(mi * tokens, tokens)]
@@ -350,10 +331,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 functools.partial(acc_scope, a_smem=a_smem.at[0]), acc_type), a_type)
         else:
             acc = pl.run_scoped(acc_scope, acc_type)
-        if from_registers:
-            store(acc, None)
-        else:
-            pl.run_scoped(lambda out_smem: store(acc, out_smem.at[0]), out_scratch)
+        pl.run_scoped(lambda out_smem: store(acc, out_smem.at[0]), out_scratch)
         return
 
     # Several compute warpgroups share each step's x tile (half the L2 -> SMEM traffic of x at
@@ -365,14 +343,13 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             compute_context=context)
 
     ignore = lambda *_, **__: None
-    scratch = dict(allocs=pipeline(ignore, ignore).get_allocations(words_gmem, x_gmem))
-    if out_scratch is not None:
-        scratch["out_smem"] = out_scratch
+    scratch = dict(allocs=pipeline(ignore, ignore).get_allocations(words_gmem, x_gmem),
+                   out_smem=out_scratch)
     if interpret:
         scratch["a_smem"] = a_type
 
     @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
-    def _scope(allocs, out_smem=None, a_smem=None):
+    def _scope(allocs, out_smem, a_smem=None):
         wg = lax.axis_index("wg")
         a_smem = None if a_smem is None else a_smem.at[wg]
 
@@ -382,7 +359,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 cell["acc"] = acc_ref
                 run_pipeline(constants(0))
                 plgpu.wgmma_wait(0)
-                store(acc_ref[...], None if out_smem is None else out_smem.at[wg])
+                store(acc_ref[...], out_smem.at[wg])
 
         cell = {}
         body = lambda idx, codes, x, carry: step(idx, codes, x, carry, cell["acc"], a_smem)
@@ -421,9 +398,6 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
                 else jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32))
     # token tiles vary fastest: the CTAs that share a weight tile run together (one HBM read)
     extra = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
-    if block_sizes.cluster > 1:
-        extra.update(cluster=(1, block_sizes.cluster, 1),
-                     cluster_names=("cluster_m", "cluster", "cluster_s"))
     call = plgpu.kernel(
         kernel, out_type=out_type, grid=(token_tiles, n // _rows_per_cta(block_sizes), splits),
         grid_names=("m", "n", "s"), **extra,
