@@ -156,7 +156,8 @@ def quantize_tree(params, policy: Policy | None = None, *, progress: bool = Fals
     # with donate, an array is deleted after its last quantization, and never if a kept leaf is it
     pending = collections.Counter()
     kept = set()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]:
+    is_leaf = lambda x: isinstance(x, QArray)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf)[0] if donate else ():
         if not isinstance(leaf, jax.Array):
             continue
         if decisions[path_str(path)] is None:

@@ -129,7 +129,7 @@ def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, tokens: int) -> BlockSi
     for many tokens, so that two steps of x still fit the stage budget."""
     longest = bs.tile_k
     # one step within the budget (4 CTAs per SM); warp specialized: two steps (1 CTA per SM)
-    limit = STAGE_BUDGET if bs.compute_wgs == 1 else WS_STAGE_BUDGET // 2
+    limit = _stage_budget(bs) // (2 if bs.compute_wgs > 1 else 1)
     while longest > 64 and _step_bytes(longest, tokens, bs.compute_wgs) > limit:
         longest //= 2
     for tile_k in (longest, 128, 64):
