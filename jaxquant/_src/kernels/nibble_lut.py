@@ -89,9 +89,10 @@ def _ptx(table: list[int], packed_mul: str) -> str:
     }}"""
 
 
-def decode_registers(codes, scale, chunk: int, values, dtype):
+def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False):
     """Inside ``plgpu.inline_mgpu``: codes (64, W) int32 (WGMMA layout) and the chunk's block
-    scales (64,) float32 (WGMMA_ROW layout) -> operand chunk ``chunk`` (64, 64), WGMMA layout."""
+    scales (64,) float32 (WGMMA_ROW layout) -> operand chunk ``chunk`` (64, 64), WGMMA layout.
+    ``raw`` (experiments only) skips the decode: the code words themselves, as garbage values."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import vector
     from jax.experimental.mosaic import gpu as mgpu
@@ -109,7 +110,8 @@ def decode_registers(codes, scale, chunk: int, values, dtype):
         word_pair = codes.registers[0, chunk, 0, 0, h, 0, 0, 0, 0]
         for e in range(2):
             word = utils.bitcast(vector.extract(word_pair, [], [e]), i32)
-            regs = utils.inline_ptx(ptx, word, s2, result_types=[i32] * 4)
+            regs = [word] * 4 if raw else utils.inline_ptx(ptx, word, s2,
+                                                           result_types=[i32] * 4)
             for j, reg in enumerate(regs):
                 vec = utils.bitcast(reg, ir.VectorType.get((2,), out_elt))
                 out[0, 4 * e + j, 0, 0, h, 0, 0, 0, 0] = vec
