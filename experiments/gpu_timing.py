@@ -19,10 +19,9 @@ def per_call_us(f, sets, iterations=10):
 
 
 # a variant: k<tile_k> s<stages> [x<split-K ways>] [w<compute warpgroups>] [t<tokens per CTA>]
-# [r<64-row tiles per warpgroup>] [e1 (early decode)] [p<probe>], e.g. "k128 s2 x1 w2 t256" or
-# "k128 s2 pload"
+# [p<probe>], e.g. "k128 s2 x1 w2 t256" or "k128 s2 pload"
 FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs", t="token_tile",
-              r="row_tiles", e="early_decode", p="probe")
+              p="probe")
 
 
 def block_sizes(variant: str):

@@ -1,7 +1,5 @@
 """The Mosaic GPU qmatmul kernel, run by the Pallas GPU interpreter on CPU, against the XLA path."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,17 +80,12 @@ def test_unsupported_inputs_raise_for_pallas_and_fall_back_for_auto(case, rng):
     (40, K.BlockSizes(token_tile=16, k_splits=2)),  # the same through float32 partial sums
     (24, K.BlockSizes(compute_wgs=2, k_splits=1)),  # two warpgroups share x (warp specialized)
     (24, K.BlockSizes(compute_wgs=2, k_splits=2, token_tile=8)),
-    (24, K.BlockSizes(row_tiles=2, k_splits=1)),  # one warpgroup, two accumulators share x
-    (40, K.BlockSizes(compute_wgs=2, row_tiles=2, token_tile=16, k_splits=2)),
-    (24, K.BlockSizes(early_decode=True, tile_k=128, k_splits=2)),  # next step decoded early
-    (40, K.BlockSizes(early_decode=True, compute_wgs=2, row_tiles=2, token_tile=16, k_splits=1)),
 ])
 def test_token_tiles_warpgroups_and_direct_output(m, block_sizes, rng):
-    n = max(128, K._rows_per_cta(block_sizes))
-    q = make(rng, 512, n, heavy=True)
+    q = make(rng, 512, 128, heavy=True)
     x = jnp.asarray(rng.standard_normal((m, 512)), jnp.float32)
     out = K.qmatmul(x, q, interpret=True, block_sizes=block_sizes)
-    assert out.shape == (m, n) and out.dtype == jnp.float32
+    assert out.shape == (m, 128) and out.dtype == jnp.float32
     close(out, jq.qmatmul(x, q, implementation="xla"), 512)
 
 
@@ -160,10 +153,6 @@ def test_auto_lowers_cpu_arrays_to_xla_on_a_hopper_machine(monkeypatch, rng):
     (300, "nf4", True, K.BlockSizes(k_splits=1)),  # token tiles, transposed in-place output
     (256, "nf4", True, K.BlockSizes(compute_wgs=2, k_splits=1)),
     (512, "fp4", True, K.MANY_TOKENS),
-    (256, "nf4", True, K.BlockSizes(tile_k=128, compute_wgs=2, row_tiles=2, k_splits=1)),
-    (64, "int4", False, K.BlockSizes(row_tiles=2)),
-    (2048, "nf4", True, dataclasses.replace(K.MANY_TOKENS, early_decode=True)),
-    (1, "nf4", True, K.BlockSizes(early_decode=True)),
 ])
 def test_kernel_lowers_for_hopper(m, qtype, dq, block_sizes, rng):
     """Compile-time checks of the real Mosaic GPU lowering (layout inference, swizzles) on CPU:
@@ -216,7 +205,7 @@ def test_pipeline_stages_shrink_with_tokens_so_four_ctas_share_an_sm(m, stages):
 def test_steps_shorten_for_many_tokens_so_two_fit_the_budget(m, tile_k):
     fitted = K._fit_tile_k(4096, 64, K.BlockSizes(), K._pad_tokens(m))
     assert fitted.tile_k == tile_k
-    assert K._step_bytes(tile_k, K._pad_tokens(m), K.BlockSizes()) <= K.STAGE_BUDGET
+    assert K._step_bytes(tile_k, K._pad_tokens(m)) <= K.STAGE_BUDGET
 
 
 @pytest.mark.parametrize("m,k,n,kernel", [(1, 576, 1536, False), (8, 1024, 1024, False),

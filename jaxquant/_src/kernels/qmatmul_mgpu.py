@@ -49,14 +49,12 @@ class BlockSizes:
     target_ctas: int | None = None  # None: 528 (4 per SM) up to 32 tokens, 256 beyond
     token_tile: int = MAX_TOKENS  # tokens per CTA; more tokens run as several token tiles
     compute_wgs: int = 1  # warpgroups per CTA sharing x: 1 (plain pipeline) or 2 (+1 for copies)
-    row_tiles: int = 1  # 64-row tiles (one accumulator each) per compute warpgroup, sharing x
-    early_decode: bool = False  # decode each step's first chunk during the step before
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads,
     # "nodecode" the decode (wrong results)
 
 
 def _rows_per_cta(bs: BlockSizes) -> int:
-    return TILE_N * bs.compute_wgs * bs.row_tiles
+    return TILE_N * bs.compute_wgs
 
 
 def _pad_tokens(m: int) -> int:
@@ -133,7 +131,7 @@ def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, tokens: int) -> BlockSi
     longest = bs.tile_k
     # one step within the budget (4 CTAs per SM); warp specialized: two steps (1 CTA per SM)
     limit = _stage_budget(bs) // (2 if bs.compute_wgs > 1 else 1)
-    while longest > 64 and _step_bytes(longest, tokens, bs) > limit:
+    while longest > 64 and _step_bytes(longest, tokens, bs.compute_wgs) > limit:
         longest //= 2
     for tile_k in (longest, 128, 64):
         if k % tile_k == 0 and (tile_k % block_size == 0 or block_size % tile_k == 0):
@@ -150,14 +148,14 @@ def _stage_budget(bs: BlockSizes) -> int:
     return WS_STAGE_BUDGET if bs.compute_wgs > 1 else STAGE_BUDGET
 
 
-def _step_bytes(tile_k: int, tokens: int, bs: BlockSizes) -> int:
-    return _rows_per_cta(bs) * tile_k // 2 + tokens * tile_k * 2  # codes + x
+def _step_bytes(tile_k: int, tokens: int, compute_wgs: int = 1) -> int:
+    return compute_wgs * TILE_N * tile_k // 2 + tokens * tile_k * 2  # codes + x
 
 
 def _fit_stages(bs: BlockSizes, tokens: int) -> BlockSizes:
     """Fewer pipeline stages (>= 2) for many tokens, so that 4 CTAs still share an SM: with 64
     tokens, 4 stages took 160 KB, one CTA per SM, and ran 1.4x slower (BUILD_NOTES, kernel v4)."""
-    step = _step_bytes(bs.tile_k, tokens, bs)
+    step = _step_bytes(bs.tile_k, tokens, bs.compute_wgs)
     stages = max(2, min(bs.max_concurrent_steps, _stage_budget(bs) // step))
     return dataclasses.replace(bs, max_concurrent_steps=stages)
 
@@ -239,35 +237,10 @@ def _store_transposed(acc, out_ref, interpret: bool):
     store(acc, out_ref)
 
 
-def _load_words(window, interpret: bool):
-    """A tile's code words for one step, ``(64, W)`` int32 in the WGMMA layout, by plain loads
-    from global memory. Unlike a TMA copy into the pipeline's buffers, these can be issued a step
-    early, so the next step's first chunk is decoded while this step's wgmmas run."""
-    if interpret:
-        return window[...]
-    shape = window.shape
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
-                       return_type=plgpu.ShapeDtypeStruct(shape, jnp.int32,
-                                                          layout=plgpu.Layout.WGMMA))
-    def load(_, ref):
-        from jax._src.lib.mlir import ir
-        from jax._src.lib.mlir.dialects import vector
-        from jax.experimental.mosaic import gpu as mgpu
-        layout = mgpu.WGMMA_LAYOUT
-        pair = ir.VectorType.get((2,), ir.IntegerType.get_signless(32))
-        registers = np.empty(layout.registers_shape(shape), dtype=object)
-        # each register holds 2 consecutive words of one row
-        for idx, (row, col) in zip(np.ndindex(registers.shape), layout.thread_idxs(shape)):
-            registers[idx] = vector.load(pair, ref, [row, col])
-        return mgpu.FragmentedArray(_registers=registers, _layout=layout, _is_signed=True)
-    return load(window)
-
-
 def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, nested_block, values,
             compute_dtype, bs: BlockSizes, splits: int, interpret: bool):
     *dq_gmem, out_gmem = refs
-    wgs, tiles = bs.compute_wgs, bs.row_tiles
+    wgs = bs.compute_wgs
     mi = lax.axis_index("m")
     ni = lax.axis_index("n")
     si = lax.axis_index("s")
@@ -275,160 +248,105 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
     first = si * steps
     words = bs.tile_k // 8  # int32 code words per row per step
     chunk = nibble_lut.CHUNK
-    chunks = bs.tile_k // chunk
     blocks = max(1, bs.tile_k // block_size)  # constants per row per step
 
-    def local_tile(t):  # the CTA's t-th 64-row tile of this warpgroup
-        return (lax.axis_index("wg") * tiles if wgs > 1 else 0) + t
-
-    def tile(t):  # which 64 output features this warpgroup's t-th accumulator computes
-        return ni * wgs * tiles + local_tile(t)
+    def tile():  # which 64 output features this warpgroup computes
+        return ni * wgs + lax.axis_index("wg") if wgs > 1 else ni
 
     def constants(kk):
-        return [_step_constants(consts_gmem, dq_gmem, tile(t),
-                                (first + kk) * bs.tile_k // block_size,
-                                blocks=blocks, row_length=k // block_size,
-                                nested_block=nested_block, interpret=interpret)
-                for t in range(tiles)]
+        return _step_constants(consts_gmem, dq_gmem, tile(),
+                               (first + kk) * bs.tile_k // block_size,
+                               blocks=blocks, row_length=k // block_size,
+                               nested_block=nested_block, interpret=interpret)
 
-    def decode(codes, consts, j):  # operand chunk j of a tile (64, 64), from its step's codes
-        s = consts[j * chunk // block_size % blocks]
-        if interpret:  # the same values through jnp
-            return nibble_lut.decode_reference(codes[:, j * 8:(j + 1) * 8], s, values,
-                                               compute_dtype)
-        return _decode_chunk(codes, s, j, values, compute_dtype, raw=bs.probe == "nodecode")
-
-    def mma(acc_ref, operand, x_smem, j, a_smem):
-        # x is stored (tokens, k), k-major: wgmma reads it as the transposed B operand
-        x_chunk = x_smem.at[:, pl.ds(j * chunk, chunk)].transpose((1, 0))
-        if interpret:  # the interpreter's wgmma reads A from smem
-            a_smem[...] = operand
-            plgpu.commit_smem()
-            plgpu.wgmma(acc_ref, a_smem, x_chunk)
-            plgpu.wgmma_wait(0)
-        else:
-            plgpu.wgmma(acc_ref, operand, x_chunk)
-
-    def step(idx, codes_smem, x_smem, consts, acc_refs, a_smem):
+    def step(idx, codes_smem, x_smem, consts, acc_ref, a_smem):
         # the next step's constants: their loads overlap this step's decode
         if bs.probe == "load":
             return consts
         next_consts = (consts if bs.probe == "noconst"
                        else constants(lax.min(idx[0] + 1, steps - 1)))
-        # the tiles (and warpgroups) share x and decode their own rows of the codes
-        rows = [codes_smem.at[pl.ds(local_tile(t) * TILE_N, TILE_N)] for t in range(tiles)]
-        codes = [r[...] if interpret else plgpu.load(r, layout=plgpu.Layout.WGMMA)
-                 for r in rows]
-        for j in range(chunks):
-            for t in range(tiles):
-                mma(acc_refs[t], decode(codes[t], consts[t], j), x_smem, j, a_smem)
+        if wgs > 1:  # the warpgroups share x and decode their own rows of the codes
+            codes_smem = codes_smem.at[pl.ds(lax.axis_index("wg") * TILE_N, TILE_N)]
+        if not interpret:
+            codes = plgpu.load(codes_smem, layout=plgpu.Layout.WGMMA)
+        for j in range(bs.tile_k // chunk):
+            s = consts[j * chunk // block_size % blocks]
+            # x is stored (tokens, k), k-major: wgmma reads it as the transposed B operand
+            x_chunk = x_smem.at[:, pl.ds(j * chunk, chunk)].transpose((1, 0))
+            if interpret:  # same values through jnp; the interpreter's wgmma reads A from smem
+                a_smem[...] = nibble_lut.decode_reference(
+                    codes_smem[:, pl.ds(j * 8, 8)], s, values, compute_dtype)
+                plgpu.commit_smem()
+                plgpu.wgmma(acc_ref, a_smem, x_chunk)
+                plgpu.wgmma_wait(0)
+            else:
+                operand = _decode_chunk(codes, s, j, values, compute_dtype,
+                                        raw=bs.probe == "nodecode")
+                plgpu.wgmma(acc_ref, operand, x_chunk)
         # the pipeline reuses this step's buffers after we return; and the decoded A operand
         # lives in registers, which a wgmma still running into the next step found reused
         # (wrong results on the H100 with delay_release=1, BUILD_NOTES session 7)
         plgpu.wgmma_wait(0)
         return next_consts
 
-    # early_decode: the pipeline brings the codes one step ahead of x, and each step ends by
-    # decoding the next step's first chunk, so a step starts with a wgmma instead of a decode
-    # while the tensor cores wait. The carry holds this step's and the next step's constants,
-    # this step's code words (registers) and its decoded first chunk.
-    def early_carry():
-        consts = constants(0)
-        codes = [_load_words(words_gmem.at[pl.ds(tile(t) * TILE_N, TILE_N), pl.ds(first * words,
-                                                                                 words)],
-                             interpret) for t in range(tiles)]
-        first_chunk = [decode(codes[t], consts[t], 0) for t in range(tiles)]
-        return consts, constants(lax.min(1, steps - 1)), codes, first_chunk
-
-    def early_step(idx, next_codes_smem, x_smem, carry, acc_refs, a_smem):
-        if bs.probe == "load":
-            return carry
-        consts, next_consts, codes, first_chunk = carry
-        for t in range(tiles):
-            mma(acc_refs[t], first_chunk[t], x_smem, 0, a_smem)
-        # two steps ahead: their loads have a whole step to arrive
-        later_consts = (next_consts if bs.probe == "noconst"
-                        else constants(lax.min(idx[0] + 2, steps - 1)))
-        for j in range(1, chunks):
-            for t in range(tiles):
-                mma(acc_refs[t], decode(codes[t], consts[t], j), x_smem, j, a_smem)
-        next_codes = [next_codes_smem.at[pl.ds(local_tile(t) * TILE_N, TILE_N)]
-                      for t in range(tiles)]
-        next_codes = [r[...] if interpret else plgpu.load(r, layout=plgpu.Layout.WGMMA)
-                      for r in next_codes]
-        # the next first chunk takes the registers of this one: wait for its wgmmas (ptxas
-        # serializes every wgmma otherwise, warning C7513), not for the later chunks'
-        plgpu.wgmma_wait(tiles * (chunks - 1))
-        next_first = [decode(next_codes[t], next_consts[t], 0) for t in range(tiles)]
-        plgpu.wgmma_wait(0)  # nothing runs across the loop's back edge (see step)
-        return next_consts, later_consts, next_codes, next_first
-
     x_transforms = (plgpu.TilingTransform((8, chunk)), plgpu.SwizzleTransform(2 * chunk))
     codes_swizzle = plgpu.find_swizzle(words * 32)
     codes_transforms = (plgpu.TilingTransform((8, codes_swizzle // 4)),
                         plgpu.SwizzleTransform(codes_swizzle))
-    ahead = 1 if bs.early_decode else 0  # the codes of step kk + ahead arrive with x's step kk
     in_specs = [
-        plgpu.BlockSpec((wgs * tiles * TILE_N, words),
-                        lambda kk: (ni, first + lax.min(kk + ahead, steps - 1)),
+        plgpu.BlockSpec((wgs * TILE_N, words), lambda kk: (ni, first + kk),
                         transforms=codes_transforms),
         plgpu.BlockSpec((tokens, bs.tile_k), lambda kk: (mi, first + kk),
                         transforms=x_transforms),
     ]
-    operands = (words_gmem, x_gmem)
-    body, init_carry = (early_step, early_carry) if bs.early_decode else (step, lambda: constants(0))
 
     # Without a split of K, the tile is written transposed in the output's dtype, in place;
     # with one, float32 partial sums (splits, N, tokens) that XLA adds up.
     direct = splits == 1
     out_block = (tokens, TILE_N) if direct else (TILE_N, tokens)
-    out_scratch = plgpu.SMEM((wgs, tiles, *out_block), out_gmem.dtype)
+    out_scratch = plgpu.SMEM((wgs, *out_block), out_gmem.dtype)
 
-    def store(accs, out_smem):  # out_smem: this warpgroup's (tiles, *out_block)
-        targets = []
-        for t, acc in enumerate(accs):
-            rows = pl.ds(tile(t) * TILE_N, TILE_N)
-            if direct:
-                _store_transposed(acc.astype(out_gmem.dtype), out_smem.at[t], interpret)
-                targets.append(out_gmem.at[pl.ds(mi * tokens, tokens), rows])
-            else:
-                out_smem[t] = acc
-                targets.append(out_gmem.at[si, rows, pl.ds(mi * tokens, tokens)])
+    def store(acc, out_smem):
+        if direct:
+            _store_transposed(acc.astype(out_gmem.dtype), out_smem, interpret)
+            target = out_gmem.at[pl.ds(mi * tokens, tokens), pl.ds(tile() * TILE_N, TILE_N)]
+        else:
+            out_smem[...] = acc
+            target = out_gmem.at[si, pl.ds(tile() * TILE_N, TILE_N), pl.ds(mi * tokens, tokens)]
         plgpu.commit_smem()
-        for t, target in enumerate(targets):
-            plgpu.copy_smem_to_gmem(out_smem.at[t], target)
+        plgpu.copy_smem_to_gmem(out_smem, target)
         plgpu.wait_smem_to_gmem(0)
 
-    acc_types = [plgpu.ACC((TILE_N, tokens))] * tiles
+    acc_type = plgpu.ACC((TILE_N, tokens))
     a_type = plgpu.SMEM((wgs, TILE_N, chunk), compute_dtype)  # the interpreter's wgmma operand
     if wgs == 1:
-        def acc_scope(acc_refs, a_smem=None):
+        def acc_scope(acc_ref, a_smem=None):
             plgpu.emit_pipeline(
-                lambda idx, *args: body(idx, *args, acc_refs, a_smem),
+                lambda idx, codes, x, carry: step(idx, codes, x, carry, acc_ref, a_smem),
                 grid=(steps,), in_specs=in_specs, max_concurrent_steps=bs.max_concurrent_steps,
-                init_carry=init_carry(),
-            )(*operands)
+                init_carry=constants(0),
+            )(words_gmem, x_gmem)
             plgpu.wgmma_wait(0)
-            return [acc_ref[...] for acc_ref in acc_refs]
+            return acc_ref[...]
 
         if interpret:  # the interpreter allocates registers and shared memory in separate scopes
-            accs = pl.run_scoped(lambda a_smem: pl.run_scoped(
-                functools.partial(acc_scope, a_smem=a_smem.at[0]), acc_types), a_type)
+            acc = pl.run_scoped(lambda a_smem: pl.run_scoped(
+                functools.partial(acc_scope, a_smem=a_smem.at[0]), acc_type), a_type)
         else:
-            accs = pl.run_scoped(acc_scope, acc_types)
-        pl.run_scoped(lambda out_smem: store(accs, out_smem.at[0]), out_scratch)
+            acc = pl.run_scoped(acc_scope, acc_type)
+        pl.run_scoped(lambda out_smem: store(acc, out_smem.at[0]), out_scratch)
         return
 
     # Several compute warpgroups share each step's x tile (half the L2 -> SMEM traffic of x at
     # 2 warpgroups); a memory warpgroup issues the copies (warp specialization).
-    def pipeline(pipeline_body, context):
+    def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
-            pipeline_body, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+            body, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
             num_compute_wgs=wgs, max_concurrent_steps=bs.max_concurrent_steps,
             compute_context=context)
 
     ignore = lambda *_, **__: None
-    scratch = dict(allocs=pipeline(ignore, ignore).get_allocations(*operands),
+    scratch = dict(allocs=pipeline(ignore, ignore).get_allocations(words_gmem, x_gmem),
                    out_smem=out_scratch)
     if interpret:
         scratch["a_smem"] = a_type
@@ -439,16 +357,16 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
         a_smem = None if a_smem is None else a_smem.at[wg]
 
         def context(run_pipeline):
-            @functools.partial(pl.run_scoped, acc_refs=acc_types)
-            def _acc(acc_refs):
-                cell["acc"] = acc_refs
-                run_pipeline(init_carry())
+            @functools.partial(pl.run_scoped, acc_ref=acc_type)
+            def _acc(acc_ref):
+                cell["acc"] = acc_ref
+                run_pipeline(constants(0))
                 plgpu.wgmma_wait(0)
-                store([acc_ref[...] for acc_ref in acc_refs], out_smem.at[wg])
+                store(acc_ref[...], out_smem.at[wg])
 
         cell = {}
-        pipeline(lambda idx, *args: body(idx, *args, cell["acc"], a_smem), context)(
-            *operands, allocations=allocs)
+        body = lambda idx, codes, x, carry: step(idx, codes, x, carry, cell["acc"], a_smem)
+        pipeline(body, context)(words_gmem, x_gmem, allocations=allocs)
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "interpret", "block_sizes"))
