@@ -19,9 +19,9 @@ def per_call_us(f, sets, iterations=10):
 
 
 # a variant: k<tile_k> s<stages> [x<split-K ways>] [w<compute warpgroups>] [t<tokens per CTA>]
-# [p<probe>], e.g. "k128 s2 x1 w2 t256" or "k128 s2 pload"
+# [d<decode table copies>] [p<probe>], e.g. "k128 s2 x1 w2 t256", "k256 s2 d32" or "k128 s2 pload"
 FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs", t="token_tile",
-              p="probe")
+              d="table_copies", p="probe")
 
 
 def block_sizes(variant: str):

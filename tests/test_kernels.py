@@ -80,6 +80,7 @@ def test_unsupported_inputs_raise_for_pallas_and_fall_back_for_auto(case, rng):
     (40, K.BlockSizes(token_tile=16, k_splits=2)),  # the same through float32 partial sums
     (24, K.BlockSizes(compute_wgs=2, k_splits=1)),  # two warpgroups share x (warp specialized)
     (24, K.BlockSizes(compute_wgs=2, k_splits=2, token_tile=8)),
+    (24, K.BlockSizes(table_copies=32)),  # (the interpreter decodes through jnp either way)
 ])
 def test_token_tiles_warpgroups_and_direct_output(m, block_sizes, rng):
     q = make(rng, 512, 128, heavy=True)
@@ -153,6 +154,8 @@ def test_auto_lowers_cpu_arrays_to_xla_on_a_hopper_machine(monkeypatch, rng):
     (300, "nf4", True, K.BlockSizes(k_splits=1)),  # token tiles, transposed in-place output
     (256, "nf4", True, K.BlockSizes(compute_wgs=2, k_splits=1)),
     (512, "fp4", True, K.MANY_TOKENS),
+    (1, "nf4", True, K.BlockSizes(table_copies=32)),  # the shared-memory byte-pair decode
+    (16, "fp4", False, K.BlockSizes(table_copies=16, tile_k=128, max_concurrent_steps=3)),
 ])
 def test_kernel_lowers_for_hopper(m, qtype, dq, block_sizes, rng):
     """Compile-time checks of the real Mosaic GPU lowering (layout inference, swizzles) on CPU:

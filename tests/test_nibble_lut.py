@@ -44,11 +44,12 @@ def packed_mul(dtype):
 
 
 OPS = {"and.b32": lambda a, b: a & b, "shr.u32": lambda a, b: a >> b, "lop3.b32": lop3,
+       "mad.lo.u32": lambda a, b, c: a * b + c,
        "prmt.b32": prmt, "mul.rn.bf16x2": packed_mul(ml_dtypes.bfloat16),
        "mul.rn.f16x2": packed_mul(np.float16)}
 
 
-def run_ptx(ptx: str, args: dict[str, int]) -> dict[str, int]:
+def run_ptx(ptx: str, args: dict[str, int], shared: bytes = b"") -> dict[str, int]:
     regs = dict(args)
     value = lambda tok: regs[tok] if tok in regs else int(tok, 0)
     for line in ptx.splitlines():
@@ -57,6 +58,11 @@ def run_ptx(ptx: str, args: dict[str, int]) -> dict[str, int]:
             continue
         op, rest = line.split(None, 1)
         dst, *srcs = [t.strip() for t in rest.split(",")]
+        if op == "ld.shared.b32":  # [address] in bytes into ``shared``
+            address = value(srcs[0].strip("[]"))
+            assert address % 4 == 0
+            regs[dst] = int.from_bytes(shared[address:address + 4], "little")
+            continue
         regs[dst] = OPS[op](*map(value, srcs)) & MASK
     return regs
 
@@ -78,6 +84,30 @@ def test_ptx_decodes_every_nibble_like_the_table(qtype, dtype, rng):
         nibbles = [(word >> 4 * q) & 0xF for q in range(8)]  # output half q holds nibble q
         want = (table[nibbles] * np.float32(scale)).astype(dtype)
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("copies", [32, 16])
+@pytest.mark.parametrize("qtype", ["nf4", "fp4"])
+def test_shared_table_decode_matches_the_register_decode(qtype, copies, rng):
+    """The byte-pair table and its PTX give bit for bit what the prmt decode gives, for every
+    lane (each reads its own copy of the table)."""
+    dtype = ml_dtypes.bfloat16
+    values = codebooks.QTYPES[qtype].values
+    table = L.pair_table(values, dtype, copies)
+    base = 4096  # where the table starts in shared memory (bytes)
+    shared = bytes(base) + table.astype("<u4").tobytes()
+    smem_ptx = L._smem_ptx(copies, "mul.rn.bf16x2")
+    assert set(re.findall(r"^\s*([a-z0-9.]+)\s", smem_ptx, re.M)) <= set(OPS) | {
+        ".reg", "ld.shared.b32"}
+    prmt_ptx = L._ptx(L.table_words(values, dtype), "mul.rn.bf16x2")
+    for lane in range(32):
+        word = int(rng.integers(0, 2**32))
+        scale = np.asarray(rng.uniform(0.01, 3.0), np.float32).astype(dtype)
+        s_bits = int(np.asarray(scale).view(np.uint16)) * 0x10001
+        want = run_ptx(prmt_ptx, {"$4": word, "$5": s_bits})
+        got = run_ptx(smem_ptx, {"$4": word, "$5": s_bits, "$6": base + 4 * (lane % copies)},
+                      shared)
+        assert [got[f"${i}"] for i in range(4)] == [want[f"${i}"] for i in range(4)]
 
 
 def test_permutation_is_a_bijection_within_blocks_of_64():

@@ -89,18 +89,57 @@ def _ptx(table: list[int], packed_mul: str) -> str:
     }}"""
 
 
-def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False):
+def pair_table(values, dtype, copies: int) -> np.ndarray:
+    """The byte-pair table: (256, copies) uint32, entry ``b`` = the two values of code byte
+    ``b`` in ``dtype`` (low half: the low nibble's, which the decode puts in the lower column),
+    repeated ``copies`` times along the minor axis so that lane ``l`` reads copy ``l % copies``
+    from its own bank (no bank conflicts at 32 copies)."""
+    bits = np.asarray(values, np.float32).astype(dtype).view(np.uint16).astype(np.uint32)
+    byte = np.arange(256)
+    entries = bits[byte & 0xF] | bits[byte >> 4] << 16
+    return np.repeat(entries[:, None], copies, axis=1).astype(np.uint32)
+
+
+def _smem_ptx(copies: int, packed_mul: str) -> str:
+    """PTX of the shared-memory decode: $4 = a word of 8 codes, $5 = the scale in both halves,
+    $6 = the shared address of this lane's table copy; $0..$3 = 8 scaled values. Per byte one
+    ``prmt`` (integer ALU), one ``mad`` (FMA pipe), one ``ld.shared`` and one packed multiply,
+    against 4 ALU instructions per byte for the register decode."""
+    lookups = "".join(f"""
+    prmt.b32 b, $4, 0, {0x4440 + i:#x};
+    mad.lo.u32 a, b, {4 * copies}, $6;
+    ld.shared.b32 v, [a];
+    {packed_mul} ${i}, v, $5;""" for i in range(4))
+    return f"""{{
+    .reg .b32 b, a, v;{lookups}
+    }}"""
+
+
+def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False,
+                     table=None, copies: int = 0):
     """Inside ``plgpu.inline_mgpu``: codes (64, W) int32 (WGMMA layout) and the chunk's block
     scales (64,) float32 (WGMMA_ROW layout) -> operand chunk ``chunk`` (64, 64), WGMMA layout.
+    With ``table`` (a shared-memory ``pair_table`` of ``copies`` copies) each code byte is one
+    shared-memory load instead of ``prmt`` arithmetic.
     ``raw`` (experiments only) skips the decode: the code words themselves, as garbage values."""
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import vector
+    from jax._src.lib.mlir.dialects import arith, gpu, llvm, vector
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import utils
 
     i32 = ir.IntegerType.get_signless(32)
     is_bf16 = np.dtype(dtype) != np.dtype(np.float16)
-    ptx = _ptx(table_words(values, dtype), "mul.rn.bf16x2" if is_bf16 else "mul.rn.f16x2")
+    mul = "mul.rn.bf16x2" if is_bf16 else "mul.rn.f16x2"
+    extra = ()
+    if table is None:
+        ptx = _ptx(table_words(values, dtype), mul)
+    else:
+        ptx = _smem_ptx(copies, mul)
+        lane = arith.remui(arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)),
+                           utils.c(32, i32))
+        start = llvm.ptrtoint(i32, utils.memref_ptr(table))
+        extra = (arith.addi(start, arith.muli(arith.remui(lane, utils.c(copies, i32)),
+                                              utils.c(4, i32))),)
     cvt = "cvt.rn.bf16x2.f32 $0, $1, $1;" if is_bf16 else "cvt.rn.f16x2.f32 $0, $1, $1;"
     out_elt = ir.BF16Type.get() if is_bf16 else ir.F16Type.get()
     out = np.empty((1, CHUNK // 8, 1, 1, 2, 1, 1, 1, 1), dtype=object)
@@ -110,7 +149,7 @@ def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False)
         word_pair = codes.registers[0, chunk, 0, 0, h, 0, 0, 0, 0]
         for e in range(2):
             word = utils.bitcast(vector.extract(word_pair, [], [e]), i32)
-            regs = [word] * 4 if raw else utils.inline_ptx(ptx, word, s2,
+            regs = [word] * 4 if raw else utils.inline_ptx(ptx, word, s2, *extra,
                                                            result_types=[i32] * 4)
             for j, reg in enumerate(regs):
                 vec = utils.bitcast(reg, ir.VectorType.get((2,), out_elt))

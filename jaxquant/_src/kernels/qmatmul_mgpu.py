@@ -49,6 +49,7 @@ class BlockSizes:
     target_ctas: int | None = None  # None: 528 (4 per SM) up to 32 tokens, 256 beyond
     token_tile: int = MAX_TOKENS  # tokens per CTA; more tokens run as several token tiles
     compute_wgs: int = 1  # warpgroups per CTA sharing x: 1 (plain pipeline) or 2 (+1 for copies)
+    table_copies: int = 0  # > 0: decode by a shared-memory byte-pair table with this many copies
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads,
     # "nodecode" the decode (wrong results)
 
@@ -176,6 +177,8 @@ def _check_supported(x, q: QArray, compute_dtype,
         why = f"compute dtype {np.dtype(compute_dtype)}"
     elif q.block_size % 64 or block_sizes.tile_k % q.block_size and q.block_size % block_sizes.tile_k:
         why = f"block_size {q.block_size} (needs a multiple of 64)"
+    elif block_sizes.table_copies and block_sizes.compute_wgs > 1:
+        why = "a shared-memory decode table with several compute warpgroups"
     elif k % block_sizes.tile_k or n % rows:
         why = f"shape K={k}, N={n} (needs K % {block_sizes.tile_k} == 0 and N % {rows} == 0)"
     if why:
@@ -183,15 +186,19 @@ def _check_supported(x, q: QArray, compute_dtype,
     return _fit_stages(block_sizes, tokens)
 
 
-def _decode_chunk(codes, scale, chunk, values, dtype, raw=False):
-    """Operand columns ``64 chunk ..`` of the step, decoded in registers by inline PTX."""
+def _decode_chunk(codes, scale, chunk, values, dtype, raw=False, table=None):
+    """Operand columns ``64 chunk ..`` of the step, decoded in registers by inline PTX (with a
+    shared-memory byte-pair ``table`` when given)."""
     @plgpu.inline_mgpu(
-        arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)),
+        arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1))
+        + ((plgpu.RefType(),) if table is not None else ()),
         return_type=plgpu.ShapeDtypeStruct((TILE_N, nibble_lut.CHUNK), dtype,
                                            layout=plgpu.Layout.WGMMA))
-    def decode(_, codes, scale):
-        return nibble_lut.decode_registers(codes, scale, chunk, values, dtype, raw)
-    return decode(codes, scale)
+    def decode(_, codes, scale, *table_ref):
+        return nibble_lut.decode_registers(
+            codes, scale, chunk, values, dtype, raw, table=table_ref[0] if table_ref else None,
+            copies=table.shape[1] if table is not None else 0)
+    return decode(codes, scale, *(() if table is None else (table,)))
 
 
 def _step_constants(consts_gmem, dq_gmem, ni, first_block, *, blocks, row_length, nested_block,
@@ -240,6 +247,7 @@ def _store_transposed(acc, out_ref, interpret: bool):
 def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, nested_block, values,
             compute_dtype, bs: BlockSizes, splits: int, interpret: bool):
     *dq_gmem, out_gmem = refs
+    table_gmem = dq_gmem.pop() if bs.table_copies else None
     wgs = bs.compute_wgs
     mi = lax.axis_index("m")
     ni = lax.axis_index("n")
@@ -259,7 +267,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                                blocks=blocks, row_length=k // block_size,
                                nested_block=nested_block, interpret=interpret)
 
-    def step(idx, codes_smem, x_smem, consts, acc_ref, a_smem):
+    def step(idx, codes_smem, x_smem, consts, acc_ref, a_smem, table=None):
         # the next step's constants: their loads overlap this step's decode
         if bs.probe == "load":
             return consts
@@ -281,7 +289,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 plgpu.wgmma_wait(0)
             else:
                 operand = _decode_chunk(codes, s, j, values, compute_dtype,
-                                        raw=bs.probe == "nodecode")
+                                        raw=bs.probe == "nodecode", table=table)
                 plgpu.wgmma(acc_ref, operand, x_chunk)
         # the pipeline reuses this step's buffers after we return; and the decoded A operand
         # lives in registers, which a wgmma still running into the next step found reused
@@ -320,18 +328,27 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
     acc_type = plgpu.ACC((TILE_N, tokens))
     a_type = plgpu.SMEM((wgs, TILE_N, chunk), compute_dtype)  # the interpreter's wgmma operand
     if wgs == 1:
-        def acc_scope(acc_ref, a_smem=None):
+        def acc_scope(acc_ref, a_smem=None, table=None):
             plgpu.emit_pipeline(
-                lambda idx, codes, x, carry: step(idx, codes, x, carry, acc_ref, a_smem),
+                lambda idx, codes, x, carry: step(idx, codes, x, carry, acc_ref, a_smem, table),
                 grid=(steps,), in_specs=in_specs, max_concurrent_steps=bs.max_concurrent_steps,
                 init_carry=constants(0),
             )(words_gmem, x_gmem)
             plgpu.wgmma_wait(0)
             return acc_ref[...]
 
+        def table_scope(table, barrier):  # the byte-pair table, copied in once per CTA
+            plgpu.copy_gmem_to_smem(table_gmem, table, barrier)
+            plgpu.barrier_wait(barrier)
+            return pl.run_scoped(functools.partial(acc_scope, table=table), acc_type)
+
         if interpret:  # the interpreter allocates registers and shared memory in separate scopes
+            # (and decodes through jnp: the values are the table's either way)
             acc = pl.run_scoped(lambda a_smem: pl.run_scoped(
                 functools.partial(acc_scope, a_smem=a_smem.at[0]), acc_type), a_type)
+        elif table_gmem is not None:
+            acc = pl.run_scoped(table_scope, plgpu.SMEM(table_gmem.shape, jnp.uint32),
+                                plgpu.Barrier(num_arrivals=1))
         else:
             acc = pl.run_scoped(acc_scope, acc_type)
         pl.run_scoped(lambda out_smem: store(acc, out_smem.at[0]), out_scratch)
@@ -390,6 +407,9 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
         nested_block = nested.block_size
     else:
         consts, nested_block = [q.scale.reshape(n, k // q.block_size)], None
+    if block_sizes.table_copies:
+        consts.append(jnp.asarray(nibble_lut.pair_table(
+            codebooks.QTYPES[q.qtype].values, compute_dtype, block_sizes.table_copies)))
     token_tiles = m_pad // tokens
     splits = _k_splits(k, n, tokens, token_tiles, block_sizes)
     wgs = block_sizes.compute_wgs
