@@ -99,6 +99,19 @@ def test_many_tokens_on_wide_outputs_take_the_warp_specialized_sizes(m, n, many)
     assert (chosen.compute_wgs == 2 and chosen.k_splits == 1) == many
 
 
+@pytest.mark.parametrize("m,k,n,splits", [(1, 4096, 14336, 1), (16, 14336, 4096, 4),
+                                          (64, 4096, 4096, 4), (65, 4096, 4096, None)])
+def test_few_tokens_take_the_table_decode_in_fewer_longer_ctas(m, k, n, splits):
+    q = jq.QArray(codes=np.zeros((n, k // 2), np.uint8), scale=np.ones((n, k // 64), np.float32),
+                  shape=(k, n), qtype="nf4", block_size=64, axis=0)
+    chosen = K._check_supported(jnp.zeros((m, k), jnp.bfloat16), q, jnp.bfloat16)
+    assert (chosen.table_copies == 32) == (splits is not None)
+    if splits:  # ~200 CTAs with several steps each, so that the table's fill pays
+        tokens, m_pad = K._token_tiling(m, chosen)
+        assert K._k_splits(k, n, tokens, m_pad // tokens, chosen) == splits
+        assert chosen.max_concurrent_steps == 2 and chosen.tile_k == 256
+
+
 def test_warp_specialized_sizes_through_the_public_call(monkeypatch, rng):
     monkeypatch.setattr(K, "MANY_TOKENS_MIN_CTAS", 1)  # at a shape the interpreter can afford
     q = make(rng, 256, 256, heavy=True)

@@ -6,9 +6,10 @@ features (the wgmma M side) by ``m_pad`` tokens (the wgmma N side), so small bat
 not waste the 64-row side of the tensor core on padding. A *step* is ``tile_k`` elements of K
 streamed through shared memory by ``emit_pipeline``.
 
-The codes are read as int32 words (8 codes each) and decoded in registers by ``prmt`` table
-lookups straight into wgmma's register operand layout (``nibble_lut``); x's contraction axis is
-permuted once in XLA to match, so no data moves between threads. The block constants are read
+The codes are read as int32 words (8 codes each) and decoded straight into wgmma's register
+operand layout (``nibble_lut``): up to 64 tokens one shared-memory load per code byte from a
+byte-pair table (``FEW_TOKENS``), beyond that ``prmt`` table lookups in registers; x's
+contraction axis is permuted once in XLA to match, so no data moves between threads. The block constants are read
 from the QArray's own storage (double-quantized ones decoded in registers, ``block_constants``),
 one step ahead of their use.
 
@@ -101,9 +102,23 @@ MANY_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=2, k_splits=1, token_t
 MANY_TOKENS_MIN_CTAS = 100
 
 
+# Up to 64 tokens the decode's integer-ALU work was the limit (68% busy at 1 token): a shared-
+# memory byte-pair table moves it to the load/store unit. Its 32 KB fill per CTA pays with fewer,
+# longer CTAs (~200, K not split at 4096x14336) and 2 stages (3 CTAs per SM). H100, whole call,
+# 1 / 16 / 64 tokens: 4096x14336 24.2 -> 20.3 / 25.7 -> 21.0 / 35.8 -> 27.6 us; 14336x4096
+# 26.9 -> 19.9 / 28.2 -> 21.6 / 31.1 -> 27.2; 4096x4096 9.9 -> 9.0 / 10.9 -> 9.9 / 14.1 -> 13.2
+# (BUILD_NOTES session 8).
+FEW_TOKENS = BlockSizes(max_concurrent_steps=2, target_ctas=200, table_copies=32)
+FEW_TOKENS_MAX = 64
+
+
 def _default_for(m: int, n: int, bs: BlockSizes) -> BlockSizes:
     """The caller's block sizes, or for the defaults the ones that suit this many tokens."""
-    if bs != BlockSizes() or m <= 64 or n % _rows_per_cta(MANY_TOKENS):
+    if bs != BlockSizes():
+        return bs
+    if m <= FEW_TOKENS_MAX:
+        return FEW_TOKENS
+    if n % _rows_per_cta(MANY_TOKENS):
         return bs
     tokens, m_pad = _token_tiling(m, MANY_TOKENS)
     ctas = n // _rows_per_cta(MANY_TOKENS) * (m_pad // tokens)
