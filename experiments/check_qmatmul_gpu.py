@@ -20,7 +20,9 @@ for qtype, dq, lead, k, n in [("nf4", True, (1,), 4096, 512), ("nf4", False, (3,
                               # many tokens: token tiles, the warp-specialized sizes, in-place output
                               ("nf4", True, (130,), 4096, 14336), ("fp4", True, (300,), 4096, 14336),
                               ("nf4", True, (2, 512), 4096, 4096), ("int4", False, (1024,), 14336, 4096),
-                              ("nf4", False, (200,), 1024, 192)]:
+                              ("nf4", False, (200,), 1024, 192),
+                              # SmolLM2's K = 576: 64-element steps (the shared-memory decode)
+                              ("nf4", True, (1,), 576, 1536), ("fp4", True, (40,), 576, 192)]:
     for heavy in (False, True):
         w = rng.standard_normal((k, n)).astype(np.float32) * 0.02
         if heavy:
@@ -36,6 +38,7 @@ for qtype, dq, lead, k, n in [("nf4", True, (1,), 4096, 512), ("nf4", False, (3,
         sizes = K._check_supported(x, q, jnp.bfloat16)
         print(f"{qtype:<5} dq={dq!s:<5} heavy={heavy!s:<5} x{lead}  K={k:<6} N={n:<5} rel err {rel:.1e}  "
               f"auto=kernel: {same_auto}  (warpgroups {sizes.compute_wgs}, token tile "
-              f"{K._token_tiling(int(np.prod(lead)), sizes)[0]}, tile_k {sizes.tile_k})", flush=True)
+              f"{K._token_tiling(int(np.prod(lead)), sizes)[0]}, tile_k {sizes.tile_k}, "
+              f"table copies {sizes.table_copies})", flush=True)
 assert worst < 5e-3, worst
 print(f"worst relative error {worst:.1e} (bf16 operands, f32 accumulation)")
