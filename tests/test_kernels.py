@@ -53,6 +53,14 @@ def test_split_k_and_block_128(rng):
         close(out, ref, 1024)
 
 
+@pytest.mark.parametrize("sizes", [K.BlockSizes(table_copies=12),
+                                   K.BlockSizes(table_copies=32, compute_wgs=2, k_splits=1)])
+def test_decode_tables_the_kernel_cannot_build_raise(sizes, rng):
+    q = make(rng, 512, 128)
+    with pytest.raises(NotImplementedError, match="table"):
+        K.qmatmul(jnp.ones((4, 512), jnp.bfloat16), q, interpret=True, block_sizes=sizes)
+
+
 @pytest.mark.parametrize("case", ["N=100", "K=288", "block 32", "affine", "int8", "f32"])
 def test_unsupported_inputs_raise_for_pallas_and_fall_back_for_auto(case, rng):
     k, n, m, kwargs, dtype = 512, 64, 4, {}, jnp.bfloat16

@@ -86,20 +86,21 @@ def test_ptx_decodes_every_nibble_like_the_table(qtype, dtype, rng):
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
-@pytest.mark.parametrize("copies", [32, 16])
+@pytest.mark.parametrize("copies,dtype", [(32, ml_dtypes.bfloat16), (16, ml_dtypes.bfloat16),
+                                          (32, np.float16)])
 @pytest.mark.parametrize("qtype", ["nf4", "fp4"])
-def test_shared_table_decode_matches_the_register_decode(qtype, copies, rng):
+def test_shared_table_decode_matches_the_register_decode(qtype, copies, dtype, rng):
     """The byte-pair table and its PTX give bit for bit what the prmt decode gives, for every
     lane (each reads its own copy of the table)."""
-    dtype = ml_dtypes.bfloat16
     values = codebooks.QTYPES[qtype].values
+    mul = "mul.rn.bf16x2" if dtype == ml_dtypes.bfloat16 else "mul.rn.f16x2"
     table = L.pair_table(values, dtype, copies)
     base = 4096  # where the table starts in shared memory (bytes)
     shared = bytes(base) + table.astype("<u4").tobytes()
-    smem_ptx = L._smem_ptx(copies, "mul.rn.bf16x2")
+    smem_ptx = L._smem_ptx(copies, mul)
     assert set(re.findall(r"^\s*([a-z0-9.]+)\s", smem_ptx, re.M)) <= set(OPS) | {
         ".reg", "ld.shared.b32"}
-    prmt_ptx = L._ptx(L.table_words(values, dtype), "mul.rn.bf16x2")
+    prmt_ptx = L._ptx(L.table_words(values, dtype), mul)
     for lane in range(32):
         word = int(rng.integers(0, 2**32))
         scale = np.asarray(rng.uniform(0.01, 3.0), np.float32).astype(dtype)

@@ -107,7 +107,7 @@ def _smem_ptx(copies: int, packed_mul: str) -> str:
     """PTX of the shared-memory decode: $4 = a word of 8 codes, $5 = the scale in both halves,
     $6 = the shared address of this lane's table copy; $0..$3 = 8 scaled values. Per byte one
     ``prmt`` (integer ALU), one ``mad`` (FMA pipe), one ``ld.shared`` and one packed multiply,
-    against 4 ALU instructions per byte for the register decode."""
+    against about 5 ALU instructions per byte for the register decode."""
     lookups = "".join(f"""
     prmt.b32 b, $4, 0, {0x4440 + i:#x};
     mad.lo.u32 a, b, {4 * copies}, $6;

@@ -9,9 +9,9 @@ streamed through shared memory by ``emit_pipeline``.
 The codes are read as int32 words (8 codes each) and decoded straight into wgmma's register
 operand layout (``nibble_lut``): up to 64 tokens one shared-memory load per code byte from a
 byte-pair table (``FEW_TOKENS``), beyond that ``prmt`` table lookups in registers; x's
-contraction axis is permuted once in XLA to match, so no data moves between threads. The block constants are read
-from the QArray's own storage (double-quantized ones decoded in registers, ``block_constants``),
-one step ahead of their use.
+contraction axis is permuted once in XLA to match, so no data moves between threads. The block
+constants are read from the QArray's own storage (double-quantized ones decoded in registers,
+``block_constants``), one step ahead of their use.
 
 Tokens beyond one CTA's tile (``token_tile``) run on a grid axis of token tiles, fastest-varying so
 the CTAs sharing a weight tile read it from HBM once. For many tokens on a wide output
@@ -192,6 +192,8 @@ def _check_supported(x, q: QArray, compute_dtype,
         why = f"compute dtype {np.dtype(compute_dtype)}"
     elif q.block_size % 64 or block_sizes.tile_k % q.block_size and q.block_size % block_sizes.tile_k:
         why = f"block_size {q.block_size} (needs a multiple of 64)"
+    elif block_sizes.table_copies not in (0, 4, 8, 16, 32):  # the table's TMA rows: 16-byte units
+        why = f"table_copies={block_sizes.table_copies} (needs 4, 8, 16 or 32)"
     elif block_sizes.table_copies and block_sizes.compute_wgs > 1:
         why = "a shared-memory decode table with several compute warpgroups"
     elif k % block_sizes.tile_k or n % rows:
