@@ -264,7 +264,7 @@ def _store_transposed(acc, out_ref, interpret: bool):
 def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, nested_block, values,
             compute_dtype, bs: BlockSizes, splits: int, interpret: bool):
     *dq_gmem, out_gmem = refs
-    table_gmem = dq_gmem.pop() if bs.table_copies else None
+    table_gmem = dq_gmem.pop() if bs.table_copies else None  # the last input, when there is one
     wgs = bs.compute_wgs
     mi = lax.axis_index("m")
     ni = lax.axis_index("n")
@@ -424,9 +424,9 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
         nested_block = nested.block_size
     else:
         consts, nested_block = [q.scale.reshape(n, k // q.block_size)], None
-    if block_sizes.table_copies:
-        consts.append(jnp.asarray(nibble_lut.pair_table(
-            codebooks.QTYPES[q.qtype].values, compute_dtype, block_sizes.table_copies)))
+    tables = [jnp.asarray(nibble_lut.pair_table(codebooks.QTYPES[q.qtype].values, compute_dtype,
+                                                block_sizes.table_copies))
+              ] if block_sizes.table_copies else []
     token_tiles = m_pad // tokens
     splits = _k_splits(k, n, tokens, token_tiles, block_sizes)
     wgs = block_sizes.compute_wgs
@@ -442,6 +442,6 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
         kernel, out_type=out_type, grid=(token_tiles, n // _rows_per_cta(block_sizes), splits),
         grid_names=("m", "n", "s"), **extra,
         interpret=plgpu.InterpretGPUParams() if interpret else None)
-    out = call(words, xp, *consts)
+    out = call(words, xp, *consts, *tables)
     out = out[:m] if splits == 1 else out.sum(0)[:, :m].T  # split-K partial sums
     return out.reshape(*lead, n).astype(x.dtype)
