@@ -31,3 +31,20 @@ def block_sizes(variant: str):
 
     return K.BlockSizes(**{FIELDS[f[0]]: f[1:] if f[0] == "p" else int(f[1:])
                            for f in variant.split()})
+
+
+def fixed(variant: str):
+    """The qmatmul kernel with exactly the variant's block sizes (its own fitting of steps and
+    stages bypassed), as a function of (x, q)."""
+    from jaxquant._src.kernels import qmatmul_mgpu as K
+
+    bs = block_sizes(variant)
+    fit_k, fit_stages = K._fit_tile_k, K._fit_stages
+
+    def call(x, q):
+        K._fit_tile_k, K._fit_stages = (lambda k, b, bs, m: bs), (lambda bs, m: bs)
+        try:
+            return K.qmatmul.__wrapped__(x, q, block_sizes=bs)
+        finally:
+            K._fit_tile_k, K._fit_stages = fit_k, fit_stages
+    return call

@@ -11,7 +11,7 @@ import os
 
 import jax
 import jax.numpy as jnp
-from gpu_timing import block_sizes, per_call_us
+from gpu_timing import fixed, per_call_us
 
 import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu as K
@@ -21,20 +21,6 @@ VARIANTS = os.environ.get("VARIANTS", "k128 s2;k128 s3;k256 s2;k64 s4;k64 s6").s
 TOKENS = [int(t) for t in os.environ.get("TOKENS", "64,96,128").split(",")]
 SHAPES = [tuple(map(int, s.split("x"))) for s in
           os.environ.get("SHAPES", "4096x4096,4096x14336,14336x4096").split(",")]
-
-
-def fixed(variant):
-    """The kernel with exactly these block sizes (its fitting of steps and stages bypassed)."""
-    bs = block_sizes(variant)
-    fit_k, fit_stages = K._fit_tile_k, K._fit_stages
-
-    def call(x, q):
-        K._fit_tile_k, K._fit_stages = (lambda k, b, bs, m: bs), (lambda bs, m: bs)
-        try:
-            return K.qmatmul.__wrapped__(x, q, block_sizes=bs)
-        finally:
-            K._fit_tile_k, K._fit_stages = fit_k, fit_stages
-    return call
 
 
 def rel_err(out, ref):

@@ -1,5 +1,6 @@
-"""The prmt table decode of the Hopper kernel: its PTX text, run by a small PTX interpreter, and
-its operand permutation, against plain table decoding."""
+"""The decodes of the Hopper kernel (prmt lookups in registers, and the shared-memory byte-pair
+table): their PTX text, run by a small PTX interpreter, and the register decode's operand
+permutation, against plain table decoding."""
 
 import re
 
@@ -44,9 +45,11 @@ def packed_mul(dtype):
 
 
 OPS = {"and.b32": lambda a, b: a & b, "shr.u32": lambda a, b: a >> b, "lop3.b32": lop3,
-       "mad.lo.u32": lambda a, b, c: a * b + c,
+       "mad.lo.u32": lambda a, b, c: a * b + c, "mul.lo.u32": lambda a, b: a * b,
+       "add.u32": lambda a, b: a + b, "xor.b32": lambda a, b: a ^ b,
        "prmt.b32": prmt, "mul.rn.bf16x2": packed_mul(ml_dtypes.bfloat16),
        "mul.rn.f16x2": packed_mul(np.float16)}
+LOADS = {"ld.shared.b32": 1, "ld.shared.v4.b32": 4}
 
 
 def run_ptx(ptx: str, args: dict[str, int], shared: bytes = b"") -> dict[str, int]:
@@ -57,12 +60,14 @@ def run_ptx(ptx: str, args: dict[str, int], shared: bytes = b"") -> dict[str, in
         if not line or line in "{}" or line.startswith(".reg"):
             continue
         op, rest = line.split(None, 1)
-        dst, *srcs = [t.strip() for t in rest.split(",")]
-        if op == "ld.shared.b32":  # [address] in bytes into ``shared``
-            address = value(srcs[0].strip("[]"))
-            assert address % 4 == 0
-            regs[dst] = int.from_bytes(shared[address:address + 4], "little")
+        if op in LOADS:  # {dst, ...}, [address]: 32-bit words from ``shared`` (bytes)
+            dsts, address = re.fullmatch(r"\{?([^}\[]+?)\}?,\s*\[(\S+)\]", rest).groups()
+            address = value(address)
+            assert address % (4 * LOADS[op]) == 0, (op, address)
+            for i, dst in enumerate(d.strip() for d in dsts.split(",")):
+                regs[dst] = int.from_bytes(shared[address + 4 * i:address + 4 * i + 4], "little")
             continue
+        dst, *srcs = [t.strip() for t in rest.split(",")]
         regs[dst] = OPS[op](*map(value, srcs)) & MASK
     return regs
 
@@ -86,29 +91,50 @@ def test_ptx_decodes_every_nibble_like_the_table(qtype, dtype, rng):
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
-@pytest.mark.parametrize("copies,dtype", [(32, ml_dtypes.bfloat16), (16, ml_dtypes.bfloat16),
-                                          (32, np.float16)])
+def tma_swizzled(tile: np.ndarray) -> bytes:
+    """A (rows, S) byte tile as TMA stores it with an S-byte swizzle (S = 32, 64 or 128): within
+    each row the 16-byte units are XORed with bits 7.. of the byte offset."""
+    rows, row_bytes = tile.shape
+    out = np.empty(rows * row_bytes, np.uint8)
+    offsets = np.arange(rows * row_bytes)
+    out[offsets ^ (((offsets >> 7) & (row_bytes // 16 - 1)) << 4)] = tile.reshape(-1)
+    return out.tobytes()
+
+
+@pytest.mark.parametrize("copies,dtype,tile_k", [(32, ml_dtypes.bfloat16, 256),
+                                                 (16, ml_dtypes.bfloat16, 128),
+                                                 (32, np.float16, 64)])
 @pytest.mark.parametrize("qtype", ["nf4", "fp4"])
-def test_shared_table_decode_matches_the_register_decode(qtype, copies, dtype, rng):
-    """The byte-pair table and its PTX give bit for bit what the prmt decode gives, for every
-    lane (each reads its own copy of the table)."""
+def test_shared_table_decode_puts_each_weight_where_the_operand_wants_it(qtype, copies, dtype,
+                                                                        tile_k, rng):
+    """Every lane of the warpgroup, both of its rows, every chunk of a step: the table PTX reads
+    the swizzled codes and gives, bit for bit, the scaled values of stored k ``64 chunk + 8i +
+    2t`` and ``+1`` in register i (the WGMMA operand layout, x not permuted)."""
     values = codebooks.QTYPES[qtype].values
     mul = "mul.rn.bf16x2" if dtype == ml_dtypes.bfloat16 else "mul.rn.f16x2"
-    table = L.pair_table(values, dtype, copies)
-    base = 4096  # where the table starts in shared memory (bytes)
-    shared = bytes(base) + table.astype("<u4").tobytes()
-    smem_ptx = L._smem_ptx(copies, mul)
-    assert set(re.findall(r"^\s*([a-z0-9.]+)\s", smem_ptx, re.M)) <= set(OPS) | {
-        ".reg", "ld.shared.b32"}
-    prmt_ptx = L._ptx(L.table_words(values, dtype), mul)
-    for lane in range(32):
-        word = int(rng.integers(0, 2**32))
-        scale = np.asarray(rng.uniform(0.01, 3.0), np.float32).astype(dtype)
-        s_bits = int(np.asarray(scale).view(np.uint16)) * 0x10001
-        want = run_ptx(prmt_ptx, {"$4": word, "$5": s_bits})
-        got = run_ptx(smem_ptx, {"$4": word, "$5": s_bits, "$6": base + 4 * (lane % copies)},
-                      shared)
-        assert [got[f"${i}"] for i in range(4)] == [want[f"${i}"] for i in range(4)]
+    row_bytes = tile_k // 2
+    codes = rng.integers(0, 256, (64, row_bytes), dtype=np.uint8)  # bitsandbytes bytes
+    per_k = np.stack([codes >> 4, codes & 0xF], axis=-1).reshape(64, tile_k)  # even k: high
+    table_at, codes_at = 16384, 1024  # shared addresses (bytes); codes 1024-aligned, as TMA's
+    shared = bytearray(table_at + 256 * copies * 4)
+    shared[codes_at:codes_at + codes.size] = tma_swizzled(codes)
+    shared[table_at:] = L.pair_table(values, dtype, copies).astype("<u4").tobytes()
+    grid = np.asarray(values, np.float32).astype(dtype).astype(np.float32)
+    for chunk in range(tile_k // 64):
+        ptx = L.table_ptx(copies, row_bytes, chunk, mul)
+        for thread in range(0, 128, 5):  # a spread of warps and lanes
+            warp, lane = divmod(thread, 32)
+            r, t = divmod(lane, 4)
+            for row in (16 * warp + r, 16 * warp + r + 8):
+                scale = np.asarray(rng.uniform(0.01, 3.0), np.float32).astype(dtype)
+                s_bits = int(np.asarray(scale).view(np.uint16)) * 0x10001
+                got = run_ptx(ptx, {"$8": codes_at, "$9": row, "$10": 0x4440 + t, "$11": s_bits,
+                                    "$12": table_at + 4 * (lane % copies)}, bytes(shared))
+                got = np.array([got[f"${i}"] for i in range(8)], np.uint32)
+                ks = 64 * chunk + 8 * np.arange(8)[:, None] + 2 * t + np.arange(2)
+                want = (grid[per_k[row, ks]] * np.float32(scale)).astype(dtype)
+                np.testing.assert_array_equal(got.view(np.uint16).reshape(8, 2),
+                                              want.view(np.uint16))
 
 
 def test_permutation_is_a_bijection_within_blocks_of_64():

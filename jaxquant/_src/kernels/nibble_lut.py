@@ -43,9 +43,11 @@ def _permutation() -> np.ndarray:
 
 
 PERMUTATION = _permutation()
-# word (within the chunk's 8) and nibble that operand column c comes from
-WORD_OF_COLUMN = PERMUTATION // 8
-NIBBLE_OF_COLUMN = 2 * (PERMUTATION % 8 // 2) + 1 - PERMUTATION % 2
+
+
+def _nibble_of_k(k):
+    """Which nibble of its int32 code word holds stored k (bitsandbytes: even k high)."""
+    return 2 * (k % 8 // 2) + 1 - k % 2
 
 
 def permute_k(k: int) -> np.ndarray:
@@ -93,58 +95,103 @@ def _ptx(table: list[int], packed_mul: str) -> str:
 
 
 def pair_table(values, dtype, copies: int) -> np.ndarray:
-    """The byte-pair table: (256, copies) uint32, entry ``b`` = the two values of code byte
-    ``b`` in ``dtype`` (low half: the low nibble's, which the decode puts in the lower column),
-    repeated ``copies`` times along the minor axis so that lane ``l`` reads copy ``l % copies``
-    from its own bank (no bank conflicts at 32 copies)."""
+    """The byte-pair table: (256, copies) uint32, entry ``b`` = the two values of code byte ``b``
+    in ``dtype``, the high nibble's (the even k: bitsandbytes stores it there) in the low half,
+    the lower operand column; repeated ``copies`` times along the minor axis so that lane ``l``
+    reads copy ``l % copies`` from its own bank (no bank conflicts at 32 copies)."""
     bits = np.asarray(values, np.float32).astype(dtype).view(np.uint16).astype(np.uint32)
     byte = np.arange(256)
-    entries = bits[byte & 0xF] | bits[byte >> 4] << 16
+    entries = bits[byte >> 4] | bits[byte & 0xF] << 16
     return np.repeat(entries[:, None], copies, axis=1).astype(np.uint32)
 
 
-def _smem_ptx(copies: int, packed_mul: str) -> str:
-    """PTX of the shared-memory decode: $4 = a word of 8 codes, $5 = the scale in both halves,
-    $6 = the shared address of this lane's table copy; $0..$3 = 8 scaled values. Per byte one
-    ``prmt`` (integer ALU), one ``mad`` (FMA pipe), one ``ld.shared`` and one packed multiply,
-    against about 5 ALU instructions per byte for the register decode."""
+def table_ptx(copies: int, row_bytes: int, chunk: int, packed_mul: str) -> str:
+    """PTX of the shared-memory decode in stored k order, so x needs no permutation: $8 = the
+    shared address of the step's codes (rows of ``row_bytes``, TMA-swizzled by ``row_bytes``),
+    $9 = this thread's row, $10 = ``prmt`` selector of byte ``t`` (lane ``4r + t``), $11 = the
+    scale in both halves, $12 = the shared address of this lane's table copy; $0..$7 = operand
+    columns ``8i + 2t, 8i + 2t + 1`` of chunk ``chunk`` = k ``64 chunk + 8i + 2t (+1)``: the two
+    codes of byte ``t`` of the chunk's word ``i``. Each thread loads the chunk's 8 words of its
+    row (two 16-byte loads, the four lanes of a quad the same ones) and looks up one byte of
+    each: per byte one ``prmt`` (integer ALU), one ``mad`` (FMA pipe), one ``ld.shared`` and one
+    packed multiply, against about 5 ALU instructions per byte for the register decode."""
+    units = row_bytes // 16  # 16-byte units per row; the swizzle XORs them with row bits
+    assert units in (2, 4, 8), row_bytes
     lookups = "".join(f"""
-    prmt.b32 b, $4, 0, {0x4440 + i:#x};
-    mad.lo.u32 a, b, {4 * copies}, $6;
+    prmt.b32 b, w{i}, 0, $10;
+    mad.lo.u32 a, b, {4 * copies}, $12;
     ld.shared.b32 v, [a];
-    {packed_mul} ${i}, v, $5;""" for i in range(4))
+    {packed_mul} ${i}, v, $11;""" for i in range(8))
     return f"""{{
-    .reg .b32 b, a, v;{lookups}
+    .reg .b32 row, key, a0, a1, w0, w1, w2, w3, w4, w5, w6, w7, b, a, v;
+    mad.lo.u32 row, $9, {row_bytes}, $8;
+    mul.lo.u32 key, $9, {row_bytes};
+    shr.u32 key, key, 3;
+    and.b32 key, key, {(units - 1) << 4};  // (row offset >> 7) & (units - 1), in 16-byte units
+    xor.b32 a0, key, {32 * chunk};
+    add.u32 a0, a0, row;
+    xor.b32 a1, key, {32 * chunk + 16};
+    add.u32 a1, a1, row;
+    ld.shared.v4.b32 {{w0, w1, w2, w3}}, [a0];
+    ld.shared.v4.b32 {{w4, w5, w6, w7}}, [a1];{lookups}
     }}"""
 
 
-def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False,
-                     table=None, copies: int = 0):
-    """Inside ``plgpu.inline_mgpu``: codes (64, W) int32 (WGMMA layout) and the chunk's block
-    scales (64,) float32 (WGMMA_ROW layout) -> operand chunk ``chunk`` (64, 64), WGMMA layout.
-    With ``table`` (a shared-memory ``pair_table`` of ``copies`` copies) each code byte is one
-    shared-memory load instead of ``prmt`` arithmetic.
-    ``raw`` (experiments only) skips the decode: the code words themselves, as garbage values."""
+def _packed(dtype):
+    """(packed multiply, f32 -> packed pair conversion, element type) for bf16 or fp16."""
+    from jax._src.lib.mlir import ir
+
+    if np.dtype(dtype) == np.dtype(np.float16):
+        return "mul.rn.f16x2", "cvt.rn.f16x2.f32 $0, $1, $1;", ir.F16Type.get()
+    return "mul.rn.bf16x2", "cvt.rn.bf16x2.f32 $0, $1, $1;", ir.BF16Type.get()
+
+
+def decode_from_table(codes_ref, row_bytes: int, scale, chunk: int, dtype, table, copies: int):
+    """Inside ``plgpu.inline_mgpu``: the step's codes (a shared (64, row_bytes / 4) int32 ref,
+    TMA-swizzled by ``row_bytes`` <= 128) and the chunk's block scales (64,) float32 (WGMMA_ROW layout) -> operand chunk
+    ``chunk`` (64, 64), WGMMA layout, in stored k order, looked up in the shared-memory
+    ``pair_table`` ``table`` of ``copies`` copies."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, gpu, llvm, vector
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import utils
 
     i32 = ir.IntegerType.get_signless(32)
-    is_bf16 = np.dtype(dtype) != np.dtype(np.float16)
-    mul = "mul.rn.bf16x2" if is_bf16 else "mul.rn.f16x2"
-    extra = ()
-    if table is None:
-        ptx = _ptx(table_words(values, dtype), mul)
-    else:
-        ptx = _smem_ptx(copies, mul)
-        lane = arith.remui(arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)),
-                           utils.c(32, i32))
-        start = llvm.ptrtoint(i32, utils.memref_ptr(table))
-        extra = (arith.addi(start, arith.muli(arith.remui(lane, utils.c(copies, i32)),
-                                              utils.c(4, i32))),)
-    cvt = "cvt.rn.bf16x2.f32 $0, $1, $1;" if is_bf16 else "cvt.rn.f16x2.f32 $0, $1, $1;"
-    out_elt = ir.BF16Type.get() if is_bf16 else ir.F16Type.get()
+    c = lambda v: utils.c(v, i32)
+    mul, cvt, out_elt = _packed(dtype)
+    tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
+    lane = arith.remui(tid, c(32))
+    warp = arith.remui(arith.divui(tid, c(32)), c(4))
+    first_row = arith.addi(arith.muli(warp, c(16)), arith.divui(lane, c(4)))
+    selector = arith.addi(c(0x4440), arith.remui(lane, c(4)))
+    copy = arith.addi(llvm.ptrtoint(i32, utils.memref_ptr(table)),
+                      arith.muli(arith.remui(lane, c(copies)), c(4)))
+    codes = llvm.ptrtoint(i32, utils.memref_ptr(codes_ref))
+    ptx = table_ptx(copies, row_bytes, chunk, mul)
+    out = np.empty((1, CHUNK // 8, 1, 1, 2, 1, 1, 1, 1), dtype=object)
+    for h in range(2):  # rows 16w + r and 16w + r + 8
+        s = vector.extract(scale.registers[0, 0, h, 0, 0], [], [0])
+        s2 = utils.inline_ptx(cvt, utils.bitcast(s, i32), result_types=i32)
+        row = arith.addi(first_row, c(8 * h))
+        regs = utils.inline_ptx(ptx, codes, row, selector, s2, copy, result_types=[i32] * 8)
+        for i, reg in enumerate(regs):
+            out[0, i, 0, 0, h, 0, 0, 0, 0] = utils.bitcast(reg, ir.VectorType.get((2,), out_elt))
+    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+
+def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False):
+    """Inside ``plgpu.inline_mgpu``: codes (64, W) int32 (WGMMA layout) and the chunk's block
+    scales (64,) float32 (WGMMA_ROW layout) -> operand chunk ``chunk`` (64, 64), WGMMA layout,
+    in ``PERMUTATION`` order. ``raw`` (experiments only) skips the decode: the code words
+    themselves, as garbage values."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import vector
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils
+
+    i32 = ir.IntegerType.get_signless(32)
+    mul, cvt, out_elt = _packed(dtype)
+    ptx = _ptx(table_words(values, dtype), mul)
     out = np.empty((1, CHUNK // 8, 1, 1, 2, 1, 1, 1, 1), dtype=object)
     for h in range(2):  # rows 16w + r and 16w + r + 8
         s = vector.extract(scale.registers[0, 0, h, 0, 0], [], [0])
@@ -152,8 +199,7 @@ def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False,
         word_pair = codes.registers[0, chunk, 0, 0, h, 0, 0, 0, 0]
         for e in range(2):
             word = utils.bitcast(vector.extract(word_pair, [], [e]), i32)
-            regs = [word] * 4 if raw else utils.inline_ptx(ptx, word, s2, *extra,
-                                                           result_types=[i32] * 4)
+            regs = [word] * 4 if raw else utils.inline_ptx(ptx, word, s2, result_types=[i32] * 4)
             for j, reg in enumerate(regs):
                 vec = utils.bitcast(reg, ir.VectorType.get((2,), out_elt))
                 out[0, 4 * e + j, 0, 0, h, 0, 0, 0, 0] = vec
@@ -172,13 +218,15 @@ def select_decode(codes, values, dtype):
     return level[0]
 
 
-def decode_reference(words, scale, values, dtype):
-    """What ``decode_registers`` computes, in jnp (for interpret mode): words (64, 8) int32,
-    scale (64,) float32 -> (64, 64) operand columns in the permuted order, same roundings."""
+def decode_reference(words, scale, values, dtype, permuted: bool = True):
+    """What ``decode_registers`` (``permuted``) or ``decode_from_table`` computes, in jnp (for
+    interpret mode): words (64, 8) int32, scale (64,) float32 -> (64, 64) operand columns in
+    ``PERMUTATION`` order or in stored k order, same roundings."""
     import jax.numpy as jnp
 
     table = np.asarray(values, np.float32).astype(dtype)  # rounded to dtype first, as the PTX
     scale = scale.astype(dtype)[:, None]
+    order = PERMUTATION if permuted else np.arange(CHUNK)
     columns = [select_decode((words[:, word:word + 1] >> int(4 * nibble)) & 0xF, table, dtype)
-               for word, nibble in zip(WORD_OF_COLUMN, NIBBLE_OF_COLUMN)]
+               for word, nibble in zip(order // 8, _nibble_of_k(order))]
     return jnp.concatenate(columns, axis=1) * scale

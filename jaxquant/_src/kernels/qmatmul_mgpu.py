@@ -52,7 +52,8 @@ class BlockSizes:
     compute_wgs: int = 1  # warpgroups per CTA sharing x: 1 (plain pipeline) or 2 (+1 for copies)
     table_copies: int = 0  # > 0: decode by a shared-memory byte-pair table with this many copies
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads,
-    # "nodecode" the decode (wrong results)
+    # "nodecode" the register decode (wrong results), "tablefirst" fills the table before the
+    # pipeline starts
 
 
 def _rows_per_cta(bs: BlockSizes) -> int:
@@ -196,6 +197,8 @@ def _check_supported(x, q: QArray, compute_dtype,
         why = f"table_copies={block_sizes.table_copies} (needs 4, 8, 16 or 32)"
     elif block_sizes.table_copies and block_sizes.compute_wgs > 1:
         why = "a shared-memory decode table with several compute warpgroups"
+    elif block_sizes.table_copies and block_sizes.tile_k > 256:  # rows in one swizzle tile
+        why = f"a shared-memory decode table with tile_k={block_sizes.tile_k} (at most 256)"
     elif k % block_sizes.tile_k or n % rows:
         why = f"shape K={k}, N={n} (needs K % {block_sizes.tile_k} == 0 and N % {rows} == 0)"
     if why:
@@ -203,19 +206,29 @@ def _check_supported(x, q: QArray, compute_dtype,
     return _fit_stages(block_sizes, tokens)
 
 
-def _decode_chunk(codes, scale, chunk, values, dtype, raw=False, table=None):
-    """Operand columns ``64 chunk ..`` of the step, decoded in registers by inline PTX (with a
-    shared-memory byte-pair ``table`` when given)."""
-    @plgpu.inline_mgpu(
-        arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1))
-        + ((plgpu.RefType(),) if table is not None else ()),
-        return_type=plgpu.ShapeDtypeStruct((TILE_N, nibble_lut.CHUNK), dtype,
-                                           layout=plgpu.Layout.WGMMA))
-    def decode(_, codes, scale, *table_ref):
-        return nibble_lut.decode_registers(
-            codes, scale, chunk, values, dtype, raw, table=table_ref[0] if table_ref else None,
-            copies=table.shape[1] if table is not None else 0)
-    return decode(codes, scale, *(() if table is None else (table,)))
+_OPERAND = lambda dtype: plgpu.ShapeDtypeStruct((TILE_N, nibble_lut.CHUNK), dtype,
+                                                 layout=plgpu.Layout.WGMMA)
+
+
+def _decode_chunk(codes, scale, chunk, values, dtype, raw=False):
+    """Operand columns ``64 chunk ..`` of the step (in ``PERMUTATION`` order), decoded in
+    registers from code words already loaded, by inline PTX."""
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)),
+                       return_type=_OPERAND(dtype))
+    def decode(_, codes, scale):
+        return nibble_lut.decode_registers(codes, scale, chunk, values, dtype, raw)
+    return decode(codes, scale)
+
+
+def _decode_chunk_from_table(codes_smem, codes_transforms, scale, chunk, dtype, table, row_bytes):
+    """Operand columns ``64 chunk ..`` of the step in stored k order, each code byte looked up
+    in the shared-memory byte-pair ``table``."""
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(codes_transforms), plgpu.Layout.WGMMA.reduce(1),
+                                  plgpu.RefType()), return_type=_OPERAND(dtype))
+    def decode(_, codes, scale, table_ref):
+        return nibble_lut.decode_from_table(codes, row_bytes, scale, chunk, dtype, table_ref,
+                                            copies=table.shape[1])
+    return decode(codes_smem, scale, table)
 
 
 def _step_constants(consts_gmem, dq_gmem, ni, first_block, *, blocks, row_length, nested_block,
@@ -265,6 +278,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             compute_dtype, bs: BlockSizes, splits: int, interpret: bool):
     *dq_gmem, out_gmem = refs
     table_gmem = dq_gmem.pop() if bs.table_copies else None  # the last input, when there is one
+    table_ready = None  # the barrier of the table's copy: the first step waits on it
     wgs = bs.compute_wgs
     mi = lax.axis_index("m")
     ni = lax.axis_index("n")
@@ -285,6 +299,9 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                                nested_block=nested_block, interpret=interpret)
 
     def step(idx, codes_smem, x_smem, consts, acc_ref, a_smem, table=None):
+        if table is not None and bs.probe != "tablefirst":
+            # the table's copy overlaps the pipeline's first loads
+            pl.when(idx[0] == 0)(lambda: plgpu.barrier_wait(table_ready))
         # the next step's constants: their loads overlap this step's decode
         if bs.probe == "load":
             return consts
@@ -292,7 +309,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                        else constants(lax.min(idx[0] + 1, steps - 1)))
         if wgs > 1:  # the warpgroups share x and decode their own rows of the codes
             codes_smem = codes_smem.at[pl.ds(lax.axis_index("wg") * TILE_N, TILE_N)]
-        if not interpret:
+        if not interpret and table is None:
             codes = plgpu.load(codes_smem, layout=plgpu.Layout.WGMMA)
         for j in range(bs.tile_k // chunk):
             s = consts[j * chunk // block_size % blocks]
@@ -300,13 +317,18 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             x_chunk = x_smem.at[:, pl.ds(j * chunk, chunk)].transpose((1, 0))
             if interpret:  # same values through jnp; the interpreter's wgmma reads A from smem
                 a_smem[...] = nibble_lut.decode_reference(
-                    codes_smem[:, pl.ds(j * 8, 8)], s, values, compute_dtype)
+                    codes_smem[:, pl.ds(j * 8, 8)], s, values, compute_dtype,
+                    permuted=not bs.table_copies)
                 plgpu.commit_smem()
                 plgpu.wgmma(acc_ref, a_smem, x_chunk)
                 plgpu.wgmma_wait(0)
+            elif table is not None:
+                operand = _decode_chunk_from_table(codes_smem, codes_transforms, s, j,
+                                                   compute_dtype, table,
+                                                   row_bytes=words * 4)
             else:
                 operand = _decode_chunk(codes, s, j, values, compute_dtype,
-                                        raw=bs.probe == "nodecode", table=table)
+                                        raw=bs.probe == "nodecode")
                 plgpu.wgmma(acc_ref, operand, x_chunk)
         # the pipeline reuses this step's buffers after we return; and the decoded A operand
         # lives in registers, which a wgmma still running into the next step found reused
@@ -355,8 +377,11 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             return acc_ref[...]
 
         def table_scope(table, barrier):  # the byte-pair table, copied in once per CTA
+            nonlocal table_ready
             plgpu.copy_gmem_to_smem(table_gmem, table, barrier)
-            plgpu.barrier_wait(barrier)
+            table_ready = barrier
+            if bs.probe == "tablefirst":  # experiments: the order before session 9
+                plgpu.barrier_wait(barrier)
             return pl.run_scoped(functools.partial(acc_scope, table=table), acc_type)
 
         if interpret:  # the interpreter allocates registers and shared memory in separate scopes
@@ -413,8 +438,10 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     x2 = x.reshape(-1, k).astype(compute_dtype)
     m = x2.shape[0]
     tokens, m_pad = _token_tiling(m, block_sizes)
-    x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
-    xp = x2[:, nibble_lut.permute_k(k)]  # (m_pad, K), in the decoded operand's k order
+    if not block_sizes.table_copies:  # the register decode's operand is in a permuted k order
+        # (padded in the same XLA pass; the table decode's x is read as it is, the copies
+        # filling the tokens past m with zeros)
+        x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))[:, nibble_lut.permute_k(k)]
     words = lax.bitcast_convert_type(q.codes.reshape(n, k // 8, 4), jnp.int32)  # (N, K/8)
     if isinstance(q.scale, QArray):  # double quant: dynamic8 codes, nested scales, offset
         nested = q.scale
@@ -442,6 +469,6 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
         kernel, out_type=out_type, grid=(token_tiles, n // _rows_per_cta(block_sizes), splits),
         grid_names=("m", "n", "s"), **extra,
         interpret=plgpu.InterpretGPUParams() if interpret else None)
-    out = call(words, xp, *consts, *tables)
+    out = call(words, x2, *consts, *tables)
     out = out[:m] if splits == 1 else out.sum(0)[:, :m].T  # split-K partial sums
     return out.reshape(*lead, n).astype(x.dtype)
