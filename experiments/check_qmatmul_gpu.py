@@ -40,5 +40,20 @@ for qtype, dq, lead, k, n in [("nf4", True, (1,), 4096, 512), ("nf4", False, (3,
               f"auto=kernel: {same_auto}  (warpgroups {sizes.compute_wgs}, token tile "
               f"{K._token_tiling(int(np.prod(lead)), sizes)[0]}, tile_k {sizes.tile_k}, "
               f"table copies {sizes.table_copies})", flush=True)
+# the shared-memory decode at every step length (its code loads follow the 32/64/128-byte
+# swizzle of the step's rows) and in fp16
+for tile_k in (64, 128, 256):
+    for dtype in (jnp.bfloat16, jnp.float16):
+        for m in (1, 17):
+            w = rng.standard_normal((2048, 384)).astype(np.float32) * 0.02
+            q = jq.quantize(jnp.asarray(w, dtype), "nf4", 64, axis=0, double_quant=True)
+            x = jnp.asarray(rng.standard_normal((m, 2048)), dtype)
+            ref = jq.qmatmul(x, q, implementation="xla", compute_dtype=dtype).astype(jnp.float32)
+            sizes = K.BlockSizes(tile_k=tile_k, max_concurrent_steps=2, table_copies=32)
+            out = K.qmatmul(x, q, compute_dtype=dtype, block_sizes=sizes).astype(jnp.float32)
+            rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+            worst = max(worst, rel)
+            print(f"table decode tile_k {tile_k:<3} {jnp.dtype(dtype).name:<8} M={m:<3} "
+                  f"rel err {rel:.1e}", flush=True)
 assert worst < 5e-3, worst
 print(f"worst relative error {worst:.1e} (bf16 operands, f32 accumulation)")
