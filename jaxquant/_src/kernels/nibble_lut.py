@@ -173,7 +173,10 @@ def decode_from_table(codes_ref, row_bytes: int, scale, chunk: int, dtype, table
         s = vector.extract(scale.registers[0, 0, h, 0, 0], [], [0])
         s2 = utils.inline_ptx(cvt, utils.bitcast(s, i32), result_types=i32)
         row = arith.addi(first_row, c(8 * h))
-        regs = utils.inline_ptx(ptx, codes, row, selector, s2, copy, result_types=[i32] * 8)
+        # side effects: its loads from shared memory must stay after the step's barrier wait
+        # (LLVM hoisted them above it otherwise: the data path read zeros before the copy landed)
+        regs = utils.inline_ptx(ptx, codes, row, selector, s2, copy, result_types=[i32] * 8,
+                                has_side_effects=True)
         for i, reg in enumerate(regs):
             out[0, i, 0, 0, h, 0, 0, 0, 0] = utils.bitcast(reg, ir.VectorType.get((2,), out_elt))
     return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)

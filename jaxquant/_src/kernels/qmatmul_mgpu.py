@@ -439,9 +439,11 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     m = x2.shape[0]
     tokens, m_pad = _token_tiling(m, block_sizes)
     if not block_sizes.table_copies:  # the register decode's operand is in a permuted k order
-        # (padded in the same XLA pass; the table decode's x is read as it is, the copies
-        # filling the tokens past m with zeros)
+        # (padded in the same XLA pass)
         x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))[:, nibble_lut.permute_k(k)]
+    elif m > 8 and m % 8:  # the table decode reads x as it is (the copies fill the tokens past
+        # m with zeros), but a copy's tiled rows need fewer than 8 or a multiple of 8
+        x2 = jnp.pad(x2, ((0, _pad_tokens(m) - m), (0, 0)))
     words = lax.bitcast_convert_type(q.codes.reshape(n, k // 8, 4), jnp.int32)  # (N, K/8)
     if isinstance(q.scale, QArray):  # double quant: dynamic8 codes, nested scales, offset
         nested = q.scale
