@@ -322,13 +322,12 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 plgpu.commit_smem()
                 plgpu.wgmma(acc_ref, a_smem, x_chunk)
                 plgpu.wgmma_wait(0)
-            elif table is not None:
-                operand = _decode_chunk_from_table(codes_smem, codes_transforms, s, j,
-                                                   compute_dtype, table,
-                                                   row_bytes=words * 4)
             else:
-                operand = _decode_chunk(codes, s, j, values, compute_dtype,
-                                        raw=bs.probe == "nodecode")
+                operand = (_decode_chunk_from_table(codes_smem, codes_transforms, s, j,
+                                                    compute_dtype, table, row_bytes=words * 4)
+                           if table is not None else
+                           _decode_chunk(codes, s, j, values, compute_dtype,
+                                         raw=bs.probe == "nodecode"))
                 plgpu.wgmma(acc_ref, operand, x_chunk)
         # the pipeline reuses this step's buffers after we return; and the decoded A operand
         # lives in registers, which a wgmma still running into the next step found reused
