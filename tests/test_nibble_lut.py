@@ -107,8 +107,8 @@ def tma_swizzled(tile: np.ndarray) -> bytes:
 @pytest.mark.parametrize("qtype", ["nf4", "fp4"])
 def test_shared_table_decode_puts_each_weight_where_the_operand_wants_it(qtype, copies, dtype,
                                                                         tile_k, rng):
-    """Every lane of the warpgroup, both of its rows, every chunk of a step: the table PTX reads
-    the swizzled codes and gives, bit for bit, the scaled values of stored k ``64 chunk + 8i +
+    """Every lane of the warpgroup, both of its rows, every chunk of a step: the PTX reads the
+    swizzled codes, looks them up in the table and gives, bit for bit, the scaled values of stored k ``64 chunk + 8i +
     2t`` and ``+1`` in register i (the WGMMA operand layout, x not permuted)."""
     values = codebooks.QTYPES[qtype].values
     mul = "mul.rn.bf16x2" if dtype == ml_dtypes.bfloat16 else "mul.rn.f16x2"
@@ -120,16 +120,19 @@ def test_shared_table_decode_puts_each_weight_where_the_operand_wants_it(qtype, 
     shared[codes_at:codes_at + codes.size] = tma_swizzled(codes)
     shared[table_at:] = L.pair_table(values, dtype, copies).astype("<u4").tobytes()
     grid = np.asarray(values, np.float32).astype(dtype).astype(np.float32)
+    lookup = L.lookup_ptx(copies, mul)
     for chunk in range(tile_k // 64):
-        ptx = L.table_ptx(copies, row_bytes, chunk, mul)
+        load = L.codes_ptx(row_bytes, chunk)
         for thread in range(0, 128, 5):  # a spread of warps and lanes
             warp, lane = divmod(thread, 32)
             r, t = divmod(lane, 4)
             for row in (16 * warp + r, 16 * warp + r + 8):
                 scale = np.asarray(rng.uniform(0.01, 3.0), np.float32).astype(dtype)
                 s_bits = int(np.asarray(scale).view(np.uint16)) * 0x10001
-                got = run_ptx(ptx, {"$8": codes_at, "$9": row, "$10": 0x4440 + t, "$11": s_bits,
-                                    "$12": table_at + 4 * (lane % copies)}, bytes(shared))
+                words = run_ptx(load, {"$8": codes_at, "$9": row}, bytes(shared))
+                got = run_ptx(lookup, {**{f"${8 + i}": words[f"${i}"] for i in range(8)},
+                                       "$16": 0x4440 + t, "$17": s_bits,
+                                       "$18": table_at + 4 * (lane % copies)}, bytes(shared))
                 got = np.array([got[f"${i}"] for i in range(8)], np.uint32)
                 ks = 64 * chunk + 8 * np.arange(8)[:, None] + 2 * t + np.arange(2)
                 want = (grid[per_k[row, ks]] * np.float32(scale)).astype(dtype)

@@ -105,25 +105,14 @@ def pair_table(values, dtype, copies: int) -> np.ndarray:
     return np.repeat(entries[:, None], copies, axis=1).astype(np.uint32)
 
 
-def table_ptx(copies: int, row_bytes: int, chunk: int, packed_mul: str) -> str:
-    """PTX of the shared-memory decode in stored k order, so x needs no permutation: $8 = the
-    shared address of the step's codes (rows of ``row_bytes``, TMA-swizzled by ``row_bytes``),
-    $9 = this thread's row, $10 = ``prmt`` selector of byte ``t`` (lane ``4r + t``), $11 = the
-    scale in both halves, $12 = the shared address of this lane's table copy; $0..$7 = operand
-    columns ``8i + 2t, 8i + 2t + 1`` of chunk ``chunk`` = k ``64 chunk + 8i + 2t (+1)``: the two
-    codes of byte ``t`` of the chunk's word ``i``. Each thread loads the chunk's 8 words of its
-    row (two 16-byte loads, the four lanes of a quad the same ones) and looks up one byte of
-    each: per byte one ``prmt`` (integer ALU), one ``mad`` (FMA pipe), one ``ld.shared`` and one
-    packed multiply, against about 5 ALU instructions per byte for the register decode."""
+def codes_ptx(row_bytes: int, chunk: int) -> str:
+    """PTX loading the 8 code words of chunk ``chunk`` of one row of the step's codes (rows of
+    ``row_bytes`` in shared memory, TMA-swizzled by ``row_bytes``): $8 = the codes' shared
+    address, $9 = the row; $0..$7 = its words. The four lanes of a quad load the same ones."""
     units = row_bytes // 16  # 16-byte units per row; the swizzle XORs them with row bits
     assert units in (2, 4, 8), row_bytes
-    lookups = "".join(f"""
-    prmt.b32 b, w{i}, 0, $10;
-    mad.lo.u32 a, b, {4 * copies}, $12;
-    ld.shared.b32 v, [a];
-    {packed_mul} ${i}, v, $11;""" for i in range(8))
     return f"""{{
-    .reg .b32 row, key, a0, a1, w0, w1, w2, w3, w4, w5, w6, w7, b, a, v;
+    .reg .b32 row, key, a0, a1;
     mad.lo.u32 row, $9, {row_bytes}, $8;
     mul.lo.u32 key, $9, {row_bytes};
     shr.u32 key, key, 3;
@@ -132,8 +121,26 @@ def table_ptx(copies: int, row_bytes: int, chunk: int, packed_mul: str) -> str:
     add.u32 a0, a0, row;
     xor.b32 a1, key, {32 * chunk + 16};
     add.u32 a1, a1, row;
-    ld.shared.v4.b32 {{w0, w1, w2, w3}}, [a0];
-    ld.shared.v4.b32 {{w4, w5, w6, w7}}, [a1];{lookups}
+    ld.shared.v4.b32 {{$0, $1, $2, $3}}, [a0];
+    ld.shared.v4.b32 {{$4, $5, $6, $7}}, [a1];
+    }}"""
+
+
+def lookup_ptx(copies: int, packed_mul: str) -> str:
+    """PTX of the shared-memory decode in stored k order, so x needs no permutation: $8..$15 = a
+    chunk's 8 code words of one row (``codes_ptx``), $16 = the ``prmt`` selector of byte ``t``
+    (lane ``4r + t``), $17 = the scale in both halves, $18 = the shared address of this lane's
+    table copy; $0..$7 = operand columns ``8i + 2t, 8i + 2t + 1`` = k ``8i + 2t (+1)`` of the
+    chunk: the two codes of byte ``t`` of word ``i``. Per byte one ``prmt`` (integer ALU), one
+    ``mad`` (FMA pipe), one ``ld.shared`` and one packed multiply, against about 5 ALU
+    instructions per byte for the register decode."""
+    lookups = "".join(f"""
+    prmt.b32 b, ${8 + i}, 0, $16;
+    mad.lo.u32 a, b, {4 * copies}, $18;
+    ld.shared.b32 v, [a];
+    {packed_mul} ${i}, v, $17;""" for i in range(8))
+    return f"""{{
+    .reg .b32 b, a, v;{lookups}
     }}"""
 
 
@@ -146,11 +153,12 @@ def _packed(dtype):
     return "mul.rn.bf16x2", "cvt.rn.bf16x2.f32 $0, $1, $1;", ir.BF16Type.get()
 
 
-def decode_from_table(codes_ref, row_bytes: int, scale, chunk: int, dtype, table, copies: int):
+def decode_from_table(codes_ref, row_bytes: int, scales, dtype, table, copies: int):
     """Inside ``plgpu.inline_mgpu``: the step's codes (a shared (64, row_bytes / 4) int32 ref,
-    TMA-swizzled by ``row_bytes`` <= 128) and the chunk's block scales (64,) float32 (WGMMA_ROW layout) -> operand chunk
-    ``chunk`` (64, 64), WGMMA layout, in stored k order, looked up in the shared-memory
-    ``pair_table`` ``table`` of ``copies`` copies."""
+    TMA-swizzled by ``row_bytes`` <= 128) and each chunk's block scales (64,) float32
+    (WGMMA_ROW layout) -> the step's operand chunks (64, 64), WGMMA layout, in stored k order,
+    looked up in the shared-memory ``pair_table`` ``table`` of ``copies`` copies. All the
+    step's code words are loaded first, so their latency is paid once per step."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, gpu, llvm, vector
     from jax.experimental.mosaic import gpu as mgpu
@@ -162,24 +170,32 @@ def decode_from_table(codes_ref, row_bytes: int, scale, chunk: int, dtype, table
     tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
     lane = arith.remui(tid, c(32))
     warp = arith.remui(arith.divui(tid, c(32)), c(4))
-    first_row = arith.addi(arith.muli(warp, c(16)), arith.divui(lane, c(4)))
+    rows = [arith.addi(arith.addi(arith.muli(warp, c(16)), arith.divui(lane, c(4))), c(8 * h))
+            for h in range(2)]  # this thread's rows 16w + r and 16w + r + 8
     selector = arith.addi(c(0x4440), arith.remui(lane, c(4)))
     copy = arith.addi(llvm.ptrtoint(i32, utils.memref_ptr(table)),
                       arith.muli(arith.remui(lane, c(copies)), c(4)))
     codes = llvm.ptrtoint(i32, utils.memref_ptr(codes_ref))
-    ptx = table_ptx(copies, row_bytes, chunk, mul)
-    out = np.empty((1, CHUNK // 8, 1, 1, 2, 1, 1, 1, 1), dtype=object)
-    for h in range(2):  # rows 16w + r and 16w + r + 8
-        s = vector.extract(scale.registers[0, 0, h, 0, 0], [], [0])
-        s2 = utils.inline_ptx(cvt, utils.bitcast(s, i32), result_types=i32)
-        row = arith.addi(first_row, c(8 * h))
-        # side effects: its loads from shared memory must stay after the step's barrier wait
-        # (LLVM hoisted them above it otherwise: the data path read zeros before the copy landed)
-        regs = utils.inline_ptx(ptx, codes, row, selector, s2, copy, result_types=[i32] * 8,
-                                has_side_effects=True)
-        for i, reg in enumerate(regs):
-            out[0, i, 0, 0, h, 0, 0, 0, 0] = utils.bitcast(reg, ir.VectorType.get((2,), out_elt))
-    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+    # side effects: nothing tells LLVM that these loads read what the step's copy wrote, so
+    # they must not move above the pipeline's barrier wait
+    words = [[utils.inline_ptx(codes_ptx(row_bytes, chunk), codes, row, result_types=[i32] * 8,
+                               has_side_effects=True) for row in rows]
+             for chunk in range(len(scales))]
+    lookup = lookup_ptx(copies, mul)
+    operands = []
+    for chunk, scale in enumerate(scales):
+        out = np.empty((1, CHUNK // 8, 1, 1, 2, 1, 1, 1, 1), dtype=object)
+        for h in range(2):
+            s = vector.extract(scale.registers[0, 0, h, 0, 0], [], [0])
+            s2 = utils.inline_ptx(cvt, utils.bitcast(s, i32), result_types=i32)
+            regs = utils.inline_ptx(lookup, *words[chunk][h], selector, s2, copy,
+                                    result_types=[i32] * 8)
+            for i, reg in enumerate(regs):
+                out[0, i, 0, 0, h, 0, 0, 0, 0] = utils.bitcast(
+                    reg, ir.VectorType.get((2,), out_elt))
+        operands.append(mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT,
+                                             _is_signed=None))
+    return operands
 
 
 def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False):

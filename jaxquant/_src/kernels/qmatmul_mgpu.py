@@ -220,15 +220,16 @@ def _decode_chunk(codes, scale, chunk, values, dtype, raw=False):
     return decode(codes, scale)
 
 
-def _decode_chunk_from_table(codes_smem, codes_transforms, scale, chunk, dtype, table, row_bytes):
-    """Operand columns ``64 chunk ..`` of the step in stored k order, each code byte looked up
-    in the shared-memory byte-pair ``table``."""
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(codes_transforms), plgpu.Layout.WGMMA.reduce(1),
-                                  plgpu.RefType()), return_type=_OPERAND(dtype))
-    def decode(_, codes, scale, table_ref):
-        return nibble_lut.decode_from_table(codes, row_bytes, scale, chunk, dtype, table_ref,
+def _decode_step_from_table(codes_smem, codes_transforms, scales, dtype, table, row_bytes):
+    """The step's operand chunks in stored k order, each code byte looked up in the
+    shared-memory byte-pair ``table``; ``scales``: each chunk's block scales."""
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(codes_transforms),
+                                  [plgpu.Layout.WGMMA.reduce(1)] * len(scales), plgpu.RefType()),
+                       return_type=[_OPERAND(dtype)] * len(scales))
+    def decode(_, codes, scales, table_ref):
+        return nibble_lut.decode_from_table(codes, row_bytes, scales, dtype, table_ref,
                                             copies=table.shape[1])
-    return decode(codes_smem, scale, table)
+    return decode(codes_smem, list(scales), table)
 
 
 def _step_constants(consts_gmem, dq_gmem, ni, first_block, *, blocks, row_length, nested_block,
@@ -309,10 +310,14 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                        else constants(lax.min(idx[0] + 1, steps - 1)))
         if wgs > 1:  # the warpgroups share x and decode their own rows of the codes
             codes_smem = codes_smem.at[pl.ds(lax.axis_index("wg") * TILE_N, TILE_N)]
-        if not interpret and table is None:
+        chunk_scales = [consts[j * chunk // block_size % blocks]
+                        for j in range(bs.tile_k // chunk)]
+        if not interpret and table is not None:
+            operands = _decode_step_from_table(codes_smem, codes_transforms, chunk_scales,
+                                               compute_dtype, table, row_bytes=words * 4)
+        elif not interpret:
             codes = plgpu.load(codes_smem, layout=plgpu.Layout.WGMMA)
-        for j in range(bs.tile_k // chunk):
-            s = consts[j * chunk // block_size % blocks]
+        for j, s in enumerate(chunk_scales):
             # x is stored (tokens, k), k-major: wgmma reads it as the transposed B operand
             x_chunk = x_smem.at[:, pl.ds(j * chunk, chunk)].transpose((1, 0))
             if interpret:  # same values through jnp; the interpreter's wgmma reads A from smem
@@ -323,9 +328,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 plgpu.wgmma(acc_ref, a_smem, x_chunk)
                 plgpu.wgmma_wait(0)
             else:
-                operand = (_decode_chunk_from_table(codes_smem, codes_transforms, s, j,
-                                                    compute_dtype, table, row_bytes=words * 4)
-                           if table is not None else
+                operand = (operands[j] if table is not None else
                            _decode_chunk(codes, s, j, values, compute_dtype,
                                          raw=bs.probe == "nodecode"))
                 plgpu.wgmma(acc_ref, operand, x_chunk)
