@@ -475,4 +475,9 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
         interpret=plgpu.InterpretGPUParams() if interpret else None)
     out = call(words, x2, *consts, *tables)
     out = out[:m] if splits == 1 else out.sum(0)[:, :m].T  # split-K partial sums
-    return out.reshape(*lead, n).astype(x.dtype)
+    out = out.reshape(*lead, n).astype(x.dtype)
+    if splits > 1:  # the sum is its own pass: XLA fused it into a consumer that reads each
+        # output many times (Llama's attention scores summed k_proj's partials again for every
+        # cached key: 5.8 instead of 1.7 us per layer on the H100, BUILD_NOTES session 9)
+        out = lax.optimization_barrier(out)
+    return out
