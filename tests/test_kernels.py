@@ -54,7 +54,8 @@ def test_split_k_and_block_128(rng):
 
 
 @pytest.mark.parametrize("sizes", [K.BlockSizes(table_copies=12),
-                                   K.BlockSizes(table_copies=32, compute_wgs=2, k_splits=1)])
+                                   K.BlockSizes(table_copies=32, compute_wgs=2, k_splits=1),
+                                   K.BlockSizes(table_copies=32, tile_k=512)])
 def test_decode_tables_the_kernel_cannot_build_raise(sizes, rng):
     q = make(rng, 512, 128)
     with pytest.raises(NotImplementedError, match="table"):
@@ -186,6 +187,20 @@ def test_kernel_lowers_for_hopper(m, qtype, dq, block_sizes, rng):
     lowered = jax.jit(lambda x, q: K.qmatmul(x, q, block_sizes=block_sizes)).trace(x, q).lower(
         lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("m,splits", [(1, 2), (17, 2), (5, 1)])
+def test_split_k_sums_are_their_own_pass_and_x_is_read_unpadded(m, splits, rng):
+    """With a split of K the partial sums are added behind an optimization barrier (XLA fused
+    them into consumers that re-read them); the table decode reads x without XLA padding it
+    when there are fewer than 8 tokens (the copies fill the rest with zeros)."""
+    q = make(rng, 1024, 256)
+    x = jnp.asarray(rng.standard_normal((m, 1024)), jnp.bfloat16)
+    sizes = K.BlockSizes(table_copies=32, max_concurrent_steps=2, k_splits=splits)
+    text = jax.jit(lambda x, q: K.qmatmul(x, q, block_sizes=sizes)).trace(x, q).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert ("optimization_barrier" in text) == (splits > 1)
+    assert ("stablehlo.pad" in text) == (m > 8)
 
 
 # ---------------------------------------------------------------- the TPU kernel (interpret mode)

@@ -7,13 +7,16 @@ One 32-bit word of codes (8 weights) costs 5 shared setup ops, 16 ``prmt`` and 4
 multiplies by the block's scale: about 3 instructions per weight, against ~40 for a select tree
 on unpacked codes (what kernel v2 did, and why it was instruction-bound). Those ``prmt`` run on
 the integer ALU pipe (half rate), which they kept 68% busy at 1 token on the H100; the
-alternative (``pair_table``) looks each code byte up in a 256-entry table of value pairs in
-shared memory: one ``prmt``, one ``mad`` and one load per byte, on other pipes.
+alternative (``pair_table``, ``codes_ptx`` + ``lookup_ptx``) looks each code byte up in a
+256-entry table of value pairs in shared memory: one ``prmt``, one ``mad`` and one load per byte,
+on other pipes. It also reads the codes in stored k order: each thread loads its row's 8 words of
+a chunk straight from shared memory and looks up byte ``t`` of each, which is exactly the pair
+of k that lane ``4r + t`` holds in the wgmma operand, so x is used as it is.
 
-Layout trick: a dot product does not care about the order of k, so the decoded registers are
-placed where the wgmma register layout wants them *without* moving data between threads, and x
-is permuted (once, in XLA; it is small) to match. ``PERMUTATION`` says which stored k each
-operand column holds, within every 64 consecutive k.
+Layout trick of the register decode: a dot product does not care about the order of k, so the
+decoded registers are placed where the wgmma register layout wants them *without* moving data
+between threads, and x is permuted (once, in XLA; it is small) to match. ``PERMUTATION`` says
+which stored k each operand column holds, within every 64 consecutive k.
 
 Thread (lane ``4r + t`` of warp ``w``) loads, with ``plgpu.Layout.WGMMA`` on a ``(64, K/8)``
 int32 view of the codes, words ``8g + 2t + e`` (e = 0, 1) of rows ``16w + r`` and ``16w + r + 8``.

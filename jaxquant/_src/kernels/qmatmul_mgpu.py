@@ -8,8 +8,10 @@ streamed through shared memory by ``emit_pipeline``.
 
 The codes are read as int32 words (8 codes each) and decoded straight into wgmma's register
 operand layout (``nibble_lut``): up to 64 tokens one shared-memory load per code byte from a
-byte-pair table (``FEW_TOKENS``), beyond that ``prmt`` table lookups in registers; x's
-contraction axis is permuted once in XLA to match, so no data moves between threads. The block
+byte-pair table (``FEW_TOKENS``), in stored k order, so x is read as it is (fewer than 8 tokens
+not even padded: the copies fill the rest with zeros); beyond that ``prmt`` table lookups in
+registers, with x's contraction axis permuted once in XLA to match, so no data moves between
+threads. The block
 constants are read from the QArray's own storage (double-quantized ones decoded in registers,
 ``block_constants``), one step ahead of their use.
 
@@ -108,7 +110,8 @@ MANY_TOKENS_MIN_CTAS = 100
 # longer CTAs (~200, K not split at 4096x14336) and 2 stages (3 CTAs per SM). H100, whole call,
 # 1 / 16 / 64 tokens: 4096x14336 24.2 -> 20.3 / 25.7 -> 21.0 / 35.8 -> 27.6 us; 14336x4096
 # 26.9 -> 19.9 / 28.2 -> 21.6 / 31.1 -> 27.2; 4096x4096 9.9 -> 9.0 / 10.9 -> 9.9 / 14.1 -> 13.2
-# (BUILD_NOTES session 8).
+# (BUILD_NOTES session 8). Reading the codes in stored k order (no XLA pass over x) then took 1 /
+# 16 / 64 tokens to 18.4 / 18.8 / 24.9 us, 18.5 / 19.4 / 25.7 and 7.8 / 8.0 / 10.8 (session 9).
 FEW_TOKENS = BlockSizes(max_concurrent_steps=2, target_ctas=200, table_copies=32)
 FEW_TOKENS_MAX = 64
 
