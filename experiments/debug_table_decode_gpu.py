@@ -2,6 +2,8 @@
 of the kernel's output the dequantized weight row k_i, so a misplaced or missing weight shows
 which k the operand actually held."""
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,7 +18,6 @@ dense = np.asarray(jq.dequantize(q), np.float32)  # (k, n)
 ks = np.array([0, 1, 2, 3, 8, 9, 16, 17, 63, 64, 65, 127, 255, 256, 300, 511])
 x = np.zeros((16, k), np.float32)
 x[np.arange(16), ks] = 1
-import os
 SIZES = [K.BlockSizes(table_copies=32, max_concurrent_steps=2, k_splits=1),
          K.BlockSizes(table_copies=32, max_concurrent_steps=2, k_splits=1, probe="tablefirst"),
          K.BlockSizes(max_concurrent_steps=2, k_splits=1)]

@@ -11,9 +11,8 @@ operand layout (``nibble_lut``): up to 64 tokens one shared-memory load per code
 byte-pair table (``FEW_TOKENS``), in stored k order, so x is read as it is (fewer than 8 tokens
 not even padded: the copies fill the rest with zeros); beyond that ``prmt`` table lookups in
 registers, with x's contraction axis permuted once in XLA to match, so no data moves between
-threads. The block
-constants are read from the QArray's own storage (double-quantized ones decoded in registers,
-``block_constants``), one step ahead of their use.
+threads. The block constants are read from the QArray's own storage (double-quantized ones
+decoded in registers, ``block_constants``), one step ahead of their use.
 
 Tokens beyond one CTA's tile (``token_tile``) run on a grid axis of token tiles, fastest-varying so
 the CTAs sharing a weight tile read it from HBM once. For many tokens on a wide output
@@ -282,7 +281,6 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             compute_dtype, bs: BlockSizes, splits: int, interpret: bool):
     *dq_gmem, out_gmem = refs
     table_gmem = dq_gmem.pop() if bs.table_copies else None  # the last input, when there is one
-    table_ready = None  # the barrier of the table's copy: the first step waits on it
     wgs = bs.compute_wgs
     mi = lax.axis_index("m")
     ni = lax.axis_index("n")
@@ -302,7 +300,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                                blocks=blocks, row_length=k // block_size,
                                nested_block=nested_block, interpret=interpret)
 
-    def step(idx, codes_smem, x_smem, consts, acc_ref, a_smem, table=None):
+    def step(idx, codes_smem, x_smem, consts, acc_ref, a_smem, table=None, table_ready=None):
         if table is not None and bs.probe != "tablefirst":
             # the table's copy overlaps the pipeline's first loads
             pl.when(idx[0] == 0)(lambda: plgpu.barrier_wait(table_ready))
@@ -372,9 +370,10 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
     acc_type = plgpu.ACC((TILE_N, tokens))
     a_type = plgpu.SMEM((wgs, TILE_N, chunk), compute_dtype)  # the interpreter's wgmma operand
     if wgs == 1:
-        def acc_scope(acc_ref, a_smem=None, table=None):
+        def acc_scope(acc_ref, a_smem=None, table=None, table_ready=None):
             plgpu.emit_pipeline(
-                lambda idx, codes, x, carry: step(idx, codes, x, carry, acc_ref, a_smem, table),
+                lambda idx, codes, x, carry: step(idx, codes, x, carry, acc_ref, a_smem, table,
+                                                  table_ready),
                 grid=(steps,), in_specs=in_specs, max_concurrent_steps=bs.max_concurrent_steps,
                 init_carry=constants(0),
             )(words_gmem, x_gmem)
@@ -382,12 +381,11 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             return acc_ref[...]
 
         def table_scope(table, barrier):  # the byte-pair table, copied in once per CTA
-            nonlocal table_ready
             plgpu.copy_gmem_to_smem(table_gmem, table, barrier)
-            table_ready = barrier
             if bs.probe == "tablefirst":  # experiments: the order before session 9
                 plgpu.barrier_wait(barrier)
-            return pl.run_scoped(functools.partial(acc_scope, table=table), acc_type)
+            return pl.run_scoped(functools.partial(acc_scope, table=table, table_ready=barrier),
+                                 acc_type)
 
         if interpret:  # the interpreter allocates registers and shared memory in separate scopes
             # (and decodes through jnp: the values are the table's either way)
