@@ -1,7 +1,5 @@
 """The Mosaic GPU qmatmul kernel, run by the Pallas GPU interpreter on CPU, against the XLA path."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,36 +189,18 @@ def test_kernel_lowers_for_hopper(m, qtype, dq, block_sizes, rng):
     assert "mosaic_gpu" in lowered.as_text()
 
 
-@pytest.mark.parametrize("m,splits,cluster_sum", [
-    (1, 2, True), (17, 4, True), (1, 2, False), (17, 2, False), (5, 1, True)])
-def test_split_k_sums_and_x_padding_in_the_lowered_program(m, splits, cluster_sum, rng):
-    """Split-K partials are added across a CTA cluster, so the kernel writes the (tokens, N)
-    result itself; without that, XLA adds float32 partials behind an optimization barrier (it
-    fused them into consumers that re-read them). The table decode reads x without XLA padding
-    it when there are fewer than 8 tokens (the copies fill the rest with zeros)."""
+@pytest.mark.parametrize("m,splits", [(1, 2), (17, 2), (5, 1)])
+def test_split_k_sums_are_their_own_pass_and_x_is_read_unpadded(m, splits, rng):
+    """With a split of K the partial sums are added behind an optimization barrier (XLA fused
+    them into consumers that re-read them); the table decode reads x without XLA padding it
+    when there are fewer than 8 tokens (the copies fill the rest with zeros)."""
     q = make(rng, 1024, 256)
     x = jnp.asarray(rng.standard_normal((m, 1024)), jnp.bfloat16)
-    sizes = K.BlockSizes(table_copies=32, max_concurrent_steps=2, k_splits=splits,
-                         cluster_sum=cluster_sum)
+    sizes = K.BlockSizes(table_copies=32, max_concurrent_steps=2, k_splits=splits)
     text = jax.jit(lambda x, q: K.qmatmul(x, q, block_sizes=sizes)).trace(x, q).lower(
         lowering_platforms=("cuda",)).as_text()
-    xla_sums = splits > 1 and not cluster_sum
-    assert ("optimization_barrier" in text) == xla_sums
-    kernel_out = re.search(r"custom_call @mosaic_gpu\S*\(.*?-> (tensor<[^>]*>)", text).group(1)
-    rows = -(-m // 8) * 8  # the output's token rows, whole tiles of 8
-    assert kernel_out == (f"tensor<{splits}x256x{rows}xf32>" if xla_sums else
-                          f"tensor<{rows}x256xbf16>"), kernel_out
+    assert ("optimization_barrier" in text) == (splits > 1)
     assert ("stablehlo.pad" in text) == (m > 8)
-
-
-@pytest.mark.parametrize("splits,wgs,cluster_sum,expected", [
-    (1, 1, True, False), (2, 1, True, True), (8, 1, True, True), (16, 1, True, False),
-    (2, 2, True, False), (4, 1, False, False)])
-def test_which_split_k_sums_the_cluster_does(splits, wgs, cluster_sum, expected):
-    """Clusters hold at most 8 CTAs (the portable limit), and the cluster sum is built for one
-    compute warpgroup per CTA; the rest go to XLA's sum."""
-    sizes = K.BlockSizes(compute_wgs=wgs, cluster_sum=cluster_sum)
-    assert K._cluster_sum(splits, sizes) == expected
 
 
 # ---------------------------------------------------------------- the TPU kernel (interpret mode)

@@ -52,19 +52,9 @@ class BlockSizes:
     token_tile: int = MAX_TOKENS  # tokens per CTA; more tokens run as several token tiles
     compute_wgs: int = 1  # warpgroups per CTA sharing x: 1 (plain pipeline) or 2 (+1 for copies)
     table_copies: int = 0  # > 0: decode by a shared-memory byte-pair table with this many copies
-    cluster_sum: bool = True  # split-K partials added in the kernel, across a CTA cluster (one
-    # warpgroup, at most MAX_CLUSTER splits); False: float32 partials that XLA adds up
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads,
     # "nodecode" the register decode (wrong results), "tablefirst" fills the table before the
     # pipeline starts
-
-
-MAX_CLUSTER = 8  # CTAs in a cluster, the portable limit
-
-
-def _cluster_sum(splits: int, bs: BlockSizes) -> bool:
-    """Whether the split-K partials are added up inside the kernel (see ``_sum_in_cluster``)."""
-    return bs.cluster_sum and 1 < splits <= MAX_CLUSTER and bs.compute_wgs == 1
 
 
 def _rows_per_cta(bs: BlockSizes) -> int:
@@ -287,36 +277,6 @@ def _store_transposed(acc, out_ref, interpret: bool):
     store(acc, out_ref)
 
 
-def _cluster_sync():
-    """A barrier for every thread of every CTA in the cluster, ordering shared-memory writes
-    before it (release) against reads after it (acquire), peers' memory included."""
-    @plgpu.inline_mgpu()
-    def sync(_):
-        from jax.experimental.mosaic.gpu import utils
-        utils.inline_ptx("barrier.cluster.arrive.release.aligned;\n\t"
-                         "barrier.cluster.wait.acquire.aligned;", has_side_effects=True)
-    sync()
-
-
-def _sum_in_cluster(acc, part_smem, si, splits: int, store):
-    """Split-K partial sums added inside the kernel: the ``splits`` CTAs of an output tile form
-    a cluster along "s"; each leaves its partial ``acc`` in shared memory, and the first reads
-    the others' through distributed shared memory, adds them and ``store``s the total. Replaces
-    a float32 (splits, N, tokens) round trip through HBM and an XLA pass (1.2-1.3 us at 1 token
-    on the H100, BUILD_NOTES session 9)."""
-    part_smem[...] = acc
-    _cluster_sync()  # every partial written
-
-    @pl.when(si == 0)
-    def _():
-        total = acc
-        for j in range(1, splits):
-            total = total + plgpu.load(plgpu.cluster_ref(part_smem, {"s": j}),
-                                       layout=plgpu.Layout.WGMMA)
-        store(total)
-    _cluster_sync()  # the partials stay in place until the first CTA has read them
-
-
 def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, nested_block, values,
             compute_dtype, bs: BlockSizes, splits: int, interpret: bool):
     *dq_gmem, out_gmem = refs
@@ -390,11 +350,9 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                         transforms=x_transforms),
     ]
 
-    # Without a split of K, or with the splits' partials added across the cluster, the tile is
-    # written transposed in the output's dtype, in place; else float32 partial sums
-    # (splits, N, tokens) that XLA adds up.
-    in_cluster = _cluster_sum(splits, bs) and not interpret
-    direct = splits == 1 or in_cluster
+    # Without a split of K, the tile is written transposed in the output's dtype, in place;
+    # with one, float32 partial sums (splits, N, tokens) that XLA adds up.
+    direct = splits == 1
     out_block = (tokens, TILE_N) if direct else (TILE_N, tokens)
     out_scratch = plgpu.SMEM((wgs, *out_block), out_gmem.dtype)
 
@@ -438,12 +396,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                                 plgpu.Barrier(num_arrivals=1))
         else:
             acc = pl.run_scoped(acc_scope, acc_type)
-        if in_cluster:
-            pl.run_scoped(lambda part, out_smem: _sum_in_cluster(
-                acc, part, si, splits, lambda total: store(total, out_smem.at[0])),
-                plgpu.SMEM(acc.shape, jnp.float32), out_scratch)
-        else:
-            pl.run_scoped(lambda out_smem: store(acc, out_smem.at[0]), out_scratch)
+        pl.run_scoped(lambda out_smem: store(acc, out_smem.at[0]), out_scratch)
         return
 
     # Several compute warpgroups share each step's x tile (half the L2 -> SMEM traffic of x at
@@ -513,25 +466,18 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
         _kernel, k=k, tokens=tokens, block_size=q.block_size, nested_block=nested_block,
         values=codebooks.QTYPES[q.qtype].values, compute_dtype=np.dtype(compute_dtype),
         bs=block_sizes, splits=splits, interpret=interpret)
-    # the interpreter has no distributed shared memory: XLA adds its partials
-    in_cluster = _cluster_sum(splits, block_sizes) and not interpret
-    direct = splits == 1 or in_cluster
-    out_type = (jax.ShapeDtypeStruct((m_pad, n), x.dtype) if direct
+    out_type = (jax.ShapeDtypeStruct((m_pad, n), x.dtype) if splits == 1
                 else jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32))
     # token tiles vary fastest: the CTAs that share a weight tile run together (one HBM read)
-    grid = (token_tiles, n // _rows_per_cta(block_sizes), splits)
     extra = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
-    names = ("m", "n", "s")
-    if in_cluster:  # a cluster per output tile, its CTAs along "s"
-        extra.update(cluster=(1, 1, splits), cluster_names=("cm", "cn", "s"))
-        grid, names = (*grid[:2], 1), ("m", "n", "clusters")
     call = plgpu.kernel(
-        kernel, out_type=out_type, grid=grid, grid_names=names, **extra,
+        kernel, out_type=out_type, grid=(token_tiles, n // _rows_per_cta(block_sizes), splits),
+        grid_names=("m", "n", "s"), **extra,
         interpret=plgpu.InterpretGPUParams() if interpret else None)
     out = call(words, x2, *consts, *tables)
-    out = out[:m] if direct else out.sum(0)[:, :m].T  # split-K partial sums
+    out = out[:m] if splits == 1 else out.sum(0)[:, :m].T  # split-K partial sums
     out = out.reshape(*lead, n).astype(x.dtype)
-    if not direct:  # the sum is its own pass: XLA fused it into a consumer that reads each
+    if splits > 1:  # the sum is its own pass: XLA fused it into a consumer that reads each
         # output many times (Llama's attention scores summed k_proj's partials again for every
         # cached key: 5.8 instead of 1.7 us per layer on the H100, BUILD_NOTES session 9)
         out = lax.optimization_barrier(out)
