@@ -164,7 +164,9 @@ WS_STAGE_BUDGET = 144 * 1024
 
 
 def _stage_budget(bs: BlockSizes) -> int:
-    return WS_STAGE_BUDGET if bs.compute_wgs > 1 else STAGE_BUDGET
+    if bs.compute_wgs == 1:
+        return STAGE_BUDGET
+    return WS_STAGE_BUDGET - bs.table_copies * 1024  # the byte-pair table: 1 KB per copy
 
 
 def _step_bytes(tile_k: int, tokens: int, compute_wgs: int = 1) -> int:
@@ -197,8 +199,6 @@ def _check_supported(x, q: QArray, compute_dtype,
         why = f"block_size {q.block_size} (needs a multiple of 64)"
     elif block_sizes.table_copies not in (0, 4, 8, 16, 32):  # the table's TMA rows: 16-byte units
         why = f"table_copies={block_sizes.table_copies} (needs 4, 8, 16 or 32)"
-    elif block_sizes.table_copies and block_sizes.compute_wgs > 1:
-        why = "a shared-memory decode table with several compute warpgroups"
     elif block_sizes.table_copies and block_sizes.tile_k > 256:  # rows in one swizzle tile
         why = f"a shared-memory decode table with tile_k={block_sizes.tile_k} (at most 256)"
     elif k % block_sizes.tile_k or n % rows:
@@ -412,11 +412,16 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                    out_smem=out_scratch)
     if interpret:
         scratch["a_smem"] = a_type
+    elif table_gmem is not None:  # one table shared by the compute warpgroups
+        scratch.update(table=plgpu.SMEM(table_gmem.shape, jnp.uint32),
+                       table_ready=plgpu.Barrier(num_arrivals=1))
 
     @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
-    def _scope(allocs, out_smem, a_smem=None):
+    def _scope(allocs, out_smem, a_smem=None, table=None, table_ready=None):
         wg = lax.axis_index("wg")
         a_smem = None if a_smem is None else a_smem.at[wg]
+        if table is not None:  # copied in by the first warpgroup, overlapping the first steps
+            pl.when(wg == 0)(lambda: plgpu.copy_gmem_to_smem(table_gmem, table, table_ready))
 
         def context(run_pipeline):
             @functools.partial(pl.run_scoped, acc_ref=acc_type)
@@ -427,7 +432,8 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 store(acc_ref[...], out_smem.at[wg])
 
         cell = {}
-        body = lambda idx, codes, x, carry: step(idx, codes, x, carry, cell["acc"], a_smem)
+        body = lambda idx, codes, x, carry: step(idx, codes, x, carry, cell["acc"], a_smem, table,
+                                                 table_ready)
         pipeline(body, context)(words_gmem, x_gmem, allocations=allocs)
 
 
