@@ -1,5 +1,7 @@
 """The Mosaic GPU qmatmul kernel, run by the Pallas GPU interpreter on CPU, against the XLA path."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +56,6 @@ def test_split_k_and_block_128(rng):
 
 
 @pytest.mark.parametrize("sizes", [K.BlockSizes(table_copies=12),
-                                   K.BlockSizes(table_copies=32, compute_wgs=2, k_splits=1),
                                    K.BlockSizes(table_copies=32, tile_k=512)])
 def test_decode_tables_the_kernel_cannot_build_raise(sizes, rng):
     q = make(rng, 512, 128)
@@ -90,6 +91,9 @@ def test_unsupported_inputs_raise_for_pallas_and_fall_back_for_auto(case, rng):
     (24, K.BlockSizes(compute_wgs=2, k_splits=1)),  # two warpgroups share x (warp specialized)
     (24, K.BlockSizes(compute_wgs=2, k_splits=2, token_tile=8)),
     (24, K.BlockSizes(table_copies=32)),  # (the interpreter decodes through jnp either way)
+    # two warpgroups with the table decode: x in stored k order, in place or split
+    (24, K.BlockSizes(compute_wgs=2, k_splits=1, table_copies=16)),
+    (40, K.BlockSizes(compute_wgs=2, k_splits=2, token_tile=16, table_copies=32)),
 ])
 def test_token_tiles_warpgroups_and_direct_output(m, block_sizes, rng):
     q = make(rng, 512, 128, heavy=True)
@@ -99,13 +103,25 @@ def test_token_tiles_warpgroups_and_direct_output(m, block_sizes, rng):
     close(out, jq.qmatmul(x, q, implementation="xla"), 512)
 
 
-@pytest.mark.parametrize("m,n,many", [(256, 14336, True), (1024, 4096, True), (96, 14336, True),
-                                      (256, 4096, False), (64, 14336, False), (512, 14400, False)])
-def test_many_tokens_on_wide_outputs_take_the_warp_specialized_sizes(m, n, many):
+@pytest.mark.parametrize("m,n,preset,splits", [
+    (256, 14336, "MANY", 1), (1024, 4096, "MANY", 1), (2048, 14336, "MANY", 1),
+    (96, 14336, "MID", 1), (128, 4096, "MID", 4), (65, 2048, "MID", 8),
+    (256, 4096, None, None), (64, 14336, "FEW", 1), (512, 14400, None, None),
+    (100, 14400, None, None)])
+def test_block_sizes_by_token_count(m, n, preset, splits):
+    """<= 64 tokens: one warpgroup with the table decode (FEW); 65-128: two warpgroups on
+    128-token tiles, K split to ~112 CTAs (MID); beyond: 256-token tiles where they make >= 100
+    CTAs (MANY); else (and for N not a multiple of 128) the split-K kernel's defaults."""
     q = jq.QArray(codes=np.zeros((n, 2048), np.uint8), scale=np.ones((n, 64), np.float32),
                   shape=(4096, n), qtype="nf4", block_size=64, axis=0)
     chosen = K._check_supported(jnp.zeros((m, 4096), jnp.bfloat16), q, jnp.bfloat16)
-    assert (chosen.compute_wgs == 2 and chosen.k_splits == 1) == many
+    expected = {"FEW": K.FEW_TOKENS, "MID": K.MID_TOKENS, "MANY": K.MANY_TOKENS,
+                None: K.BlockSizes()}[preset]
+    assert dataclasses.replace(chosen, tile_k=expected.tile_k,
+                               max_concurrent_steps=expected.max_concurrent_steps) == expected
+    if splits:
+        tokens, m_pad = K._token_tiling(m, chosen)
+        assert K._k_splits(4096, n, tokens, m_pad // tokens, chosen) == splits
 
 
 @pytest.mark.parametrize("m,k,n,splits", [(1, 4096, 14336, 1), (16, 14336, 4096, 4),
@@ -114,7 +130,7 @@ def test_few_tokens_take_the_table_decode_in_fewer_longer_ctas(m, k, n, splits):
     q = jq.QArray(codes=np.zeros((n, k // 2), np.uint8), scale=np.ones((n, k // 64), np.float32),
                   shape=(k, n), qtype="nf4", block_size=64, axis=0)
     chosen = K._check_supported(jnp.zeros((m, k), jnp.bfloat16), q, jnp.bfloat16)
-    assert (chosen.table_copies == 32) == (splits is not None)
+    assert (chosen.table_copies == 32 and chosen.compute_wgs == 1) == (splits is not None)
     if splits:  # ~200 CTAs with several steps each, so that the table's fill pays
         tokens, m_pad = K._token_tiling(m, chosen)
         assert K._k_splits(k, n, tokens, m_pad // tokens, chosen) == splits
@@ -175,7 +191,8 @@ def test_auto_lowers_cpu_arrays_to_xla_on_a_hopper_machine(monkeypatch, rng):
     (32, "int4", False, K.BlockSizes()), (128, "nf4", True, K.BlockSizes()),
     (300, "nf4", True, K.BlockSizes(k_splits=1)),  # token tiles, transposed in-place output
     (256, "nf4", True, K.BlockSizes(compute_wgs=2, k_splits=1)),
-    (512, "fp4", True, K.MANY_TOKENS),
+    (512, "fp4", True, K.MANY_TOKENS),  # two warpgroups, one 16-copy table, in place
+    (100, "nf4", True, K.MID_TOKENS),  # the same on 128-token tiles, 32 copies, split-K
     (1, "nf4", True, K.BlockSizes(table_copies=32)),  # the shared-memory byte-pair decode
     (16, "fp4", False, K.BlockSizes(table_copies=16, tile_k=128, max_concurrent_steps=3)),
 ])

@@ -7,17 +7,19 @@ not waste the 64-row side of the tensor core on padding. A *step* is ``tile_k`` 
 streamed through shared memory by ``emit_pipeline``.
 
 The codes are read as int32 words (8 codes each) and decoded straight into wgmma's register
-operand layout (``nibble_lut``): up to 64 tokens one shared-memory load per code byte from a
-byte-pair table (``FEW_TOKENS``), in stored k order, so x is read as it is (fewer than 8 tokens
-not even padded: the copies fill the rest with zeros); beyond that ``prmt`` table lookups in
+operand layout (``nibble_lut``): with the default block sizes by one shared-memory load per
+code byte from a byte-pair table, in stored k order, so x is read as it is (fewer than 8 tokens
+not even padded: the copies fill the rest with zeros); without a table by ``prmt`` lookups in
 registers, with x's contraction axis permuted once in XLA to match, so no data moves between
 threads. The block constants are read from the QArray's own storage (double-quantized ones
 decoded in registers, ``block_constants``), one step ahead of their use.
 
 Tokens beyond one CTA's tile (``token_tile``) run on a grid axis of token tiles, fastest-varying so
-the CTAs sharing a weight tile read it from HBM once. For many tokens on a wide output
-(``MANY_TOKENS``) two warpgroups decode 64 rows each against one shared 256-token x tile, fed by a
-third that issues the copies (warp specialization). Without split-K each tile is stored
+the CTAs sharing a weight tile read it from HBM once. Up to 64 tokens one warpgroup per CTA
+(``FEW_TOKENS``); beyond, two warpgroups decode 64 rows each against one shared x tile and one
+shared table, fed by a third that issues the copies (warp specialization): 128-token tiles with
+split-K up to 128 tokens (``MID_TOKENS``), 256-token tiles for more tokens on a wide output
+(``MANY_TOKENS``). Without split-K each tile is stored
 transposed, in the output's dtype, straight into the ``(tokens, N)`` result.
 """
 
@@ -91,17 +93,26 @@ def _k_splits(k: int, n: int, tokens: int, token_tiles: int, bs: BlockSizes) -> 
     return best
 
 
-# auto leaves more tokens than this to XLA: at 2048 tokens XLA's dequantize + cuBLAS gemm is
-# 0.84-0.87x a bf16 dot and the kernel 0.76-0.78x; at 1024 the kernel wins 2 of 3 shapes
-# (H100, BUILD_NOTES session 7)
-AUTO_MAX_TOKENS = 1024
+# auto leaves more tokens than this to XLA. At 2048 tokens the warp-specialized kernel with the
+# table decode is 0.92x / 0.89x / 0.84x a bf16 dot (14336x4096 / 4096x4096 / 4096x14336) against
+# XLA's dequantize + cuBLAS gemm at 0.85x / 0.87x / 0.86x (H100, BUILD_NOTES session 10), and it
+# never materializes the bf16 weights.
+AUTO_MAX_TOKENS = 2048
 # Many tokens on a wide output: two warpgroups share 256-token x tiles (half the x traffic per
-# weight row, each weight tile decoded once per 256 tokens) and write their tiles in place.
-# At 4096x14336 and 256 tokens 76.6 -> 56.9 us; with fewer than ~100 such CTAs the GPU is not
-# filled and the split-K kernel stays faster (4096x4096, 256 tokens: 29.2 vs 51.3 us).
+# weight row, each weight tile decoded once per 256 tokens) and write their tiles in place; with
+# fewer than ~100 such CTAs the GPU is not filled and the split-K kernel stays faster
+# (4096x4096, 256 tokens: 29.2 vs 51.3 us, session 7). Both decode through one shared-memory
+# byte-pair table of 16 copies (what fits beside two 72 KB steps and the 64 KB output tile): at
+# 2048 tokens 380.7 -> 356.2 us at 4096x14336, 388.1 -> 325.5 at 14336x4096 (session 10).
 MANY_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=2, k_splits=1, token_tile=256,
-                         compute_wgs=2)
+                         compute_wgs=2, table_copies=16)
 MANY_TOKENS_MIN_CTAS = 100
+# 65-128 tokens: the same two warpgroups on 128-token tiles with a 32-copy table, K split so that
+# ~one CTA per SM runs (112 = 4096x14336's tiles unsplit). At 128 tokens 42.8 -> 38.6 us
+# (4096x14336), 44.6 -> 38.6 (14336x4096, 4 splits), 18.1 -> 15.9 (4096x4096, 4 splits).
+MID_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=2, token_tile=128, compute_wgs=2,
+                        table_copies=32, target_ctas=112)
+MID_TOKENS_MAX = 128
 
 
 # Up to 64 tokens the decode's integer-ALU work was the limit (68% busy at 1 token): a shared-
@@ -123,6 +134,8 @@ def _default_for(m: int, n: int, bs: BlockSizes) -> BlockSizes:
         return FEW_TOKENS
     if n % _rows_per_cta(MANY_TOKENS):
         return bs
+    if m <= MID_TOKENS_MAX:
+        return MID_TOKENS
     tokens, m_pad = _token_tiling(m, MANY_TOKENS)
     ctas = n // _rows_per_cta(MANY_TOKENS) * (m_pad // tokens)
     return MANY_TOKENS if ctas >= MANY_TOKENS_MIN_CTAS else bs
@@ -159,8 +172,9 @@ def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, tokens: int) -> BlockSi
 
 
 STAGE_BUDGET = 48 * 1024  # shared memory for the pipelined steps: 4 CTAs fit an SM's 228 KB
-# a warp-specialized CTA has the SM to itself (registers), less its 64 KB output staging buffer
-WS_STAGE_BUDGET = 144 * 1024
+# a warp-specialized CTA has the SM to itself (registers): of the 227 KB a CTA may have, its
+# steps and decode table take up to 160 KB, its output tile (64 KB at 256 tokens) the rest
+WS_STAGE_BUDGET = 160 * 1024
 
 
 def _stage_budget(bs: BlockSizes) -> int:
