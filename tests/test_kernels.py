@@ -94,6 +94,8 @@ def test_unsupported_inputs_raise_for_pallas_and_fall_back_for_auto(case, rng):
     # two warpgroups with the table decode: x in stored k order, in place or split
     (24, K.BlockSizes(compute_wgs=2, k_splits=1, table_copies=16)),
     (40, K.BlockSizes(compute_wgs=2, k_splits=2, token_tile=16, table_copies=32)),
+    # two token tiles of 32, each stored in two halves (the last one partly padding)
+    (40, K.BlockSizes(compute_wgs=2, k_splits=1, token_tile=32, table_copies=32)),
 ])
 def test_token_tiles_warpgroups_and_direct_output(m, block_sizes, rng):
     q = make(rng, 512, 128, heavy=True)

@@ -173,8 +173,9 @@ def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, tokens: int) -> BlockSi
 
 STAGE_BUDGET = 48 * 1024  # shared memory for the pipelined steps: 4 CTAs fit an SM's 228 KB
 # a warp-specialized CTA has the SM to itself (registers): of the 227 KB a CTA may have, its
-# steps and decode table take up to 160 KB, its output tile (64 KB at 256 tokens) the rest
-WS_STAGE_BUDGET = 160 * 1024
+# steps and decode table take up to 176 KB, its output tile (stored in halves: 32 KB at 256
+# tokens; float32 split-K partials at 128 tokens: 64 KB, with shorter steps) the rest
+WS_STAGE_BUDGET = 176 * 1024
 
 
 def _stage_budget(bs: BlockSizes) -> int:
@@ -270,11 +271,13 @@ def _step_constants(consts_gmem, dq_gmem, ni, first_block, *, blocks, row_length
     return load(window, *dq_gmem)
 
 
-def _store_transposed(acc, out_ref, interpret: bool):
-    """``out_ref (tokens, 64) = acc.T`` in SMEM: the kernel computes W^T x^T (weights on the wgmma
-    M side), and writing the tile transposed gives the output its (tokens, N) layout."""
+def _store_transposed(acc, out_ref, interpret: bool, first: int = 0):
+    """``out_ref (count, 64) = acc[:, first:first + count].T`` in SMEM: the kernel computes
+    W^T x^T (weights on the wgmma M side), and writing the tile transposed gives the output its
+    (tokens, N) layout."""
+    count = out_ref.shape[0]
     if interpret:
-        out_ref[...] = acc.T
+        out_ref[...] = acc[:, first:first + count].T
         return
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
@@ -282,11 +285,14 @@ def _store_transposed(acc, out_ref, interpret: bool):
         from jax._src.lib.mlir.dialects import arith, memref, vector
         from jax._src.lib.mlir import ir
         index = ir.IndexType.get()
-        # each register holds 2 consecutive columns (tokens) of one row (output feature)
+        # each register holds 2 consecutive columns (tokens) of one row (output feature), in
+        # the columns' 8-wide group idx[1]
         for idx, (row, col) in zip(np.ndindex(acc.registers.shape),
                                    acc.layout.thread_idxs(acc.shape)):
+            if not first <= idx[1] * 8 < first + count:
+                continue
             for e in range(2):
-                token = arith.addi(col, arith.constant(index, e))
+                token = arith.addi(col, arith.constant(index, e - first))
                 memref.store(vector.extract(acc.registers[idx], [], [e]), ref, [token, row])
     store(acc, out_ref)
 
@@ -366,19 +372,30 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
 
     # Without a split of K, the tile is written transposed in the output's dtype, in place;
     # with one, float32 partial sums (splits, N, tokens) that XLA adds up.
+    # Two warpgroups store their tiles in two halves through half-size buffers: 32 KB of shared
+    # memory freed at 256 tokens, room for a 32-copy decode table.
     direct = splits == 1
-    out_block = (tokens, TILE_N) if direct else (TILE_N, tokens)
+    parts = 2 if direct and wgs > 1 and tokens % 16 == 0 else 1
+    out_block = (tokens // parts, TILE_N) if direct else (TILE_N, tokens)
     out_scratch = plgpu.SMEM((wgs, *out_block), out_gmem.dtype)
 
     def store(acc, out_smem):
-        if direct:
-            _store_transposed(acc.astype(out_gmem.dtype), out_smem, interpret)
-            target = out_gmem.at[pl.ds(mi * tokens, tokens), pl.ds(tile() * TILE_N, TILE_N)]
-        else:
+        if not direct:
             out_smem[...] = acc
-            target = out_gmem.at[si, pl.ds(tile() * TILE_N, TILE_N), pl.ds(mi * tokens, tokens)]
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, target)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[
+                si, pl.ds(tile() * TILE_N, TILE_N), pl.ds(mi * tokens, tokens)])
+            plgpu.wait_smem_to_gmem(0)
+            return
+        acc = acc.astype(out_gmem.dtype)
+        part = tokens // parts
+        for p in range(parts):
+            if p:  # the previous part has left the buffer
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            _store_transposed(acc, out_smem, interpret, first=p * part)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[
+                pl.ds(mi * tokens + p * part, part), pl.ds(tile() * TILE_N, TILE_N)])
         plgpu.wait_smem_to_gmem(0)
 
     acc_type = plgpu.ACC((TILE_N, tokens))
