@@ -121,6 +121,8 @@ def test_block_sizes_by_token_count(m, n, preset, splits):
                 None: K.BlockSizes()}[preset]
     assert dataclasses.replace(chosen, tile_k=expected.tile_k,
                                max_concurrent_steps=expected.max_concurrent_steps) == expected
+    if preset in ("MID", "MANY"):  # two 128-k steps of x fit beside the table
+        assert chosen.tile_k == 128 and chosen.max_concurrent_steps == 2
     if splits:
         tokens, m_pad = K._token_tiling(m, chosen)
         assert K._k_splits(4096, n, tokens, m_pad // tokens, chosen) == splits
@@ -193,7 +195,8 @@ def test_auto_lowers_cpu_arrays_to_xla_on_a_hopper_machine(monkeypatch, rng):
     (32, "int4", False, K.BlockSizes()), (128, "nf4", True, K.BlockSizes()),
     (300, "nf4", True, K.BlockSizes(k_splits=1)),  # token tiles, transposed in-place output
     (256, "nf4", True, K.BlockSizes(compute_wgs=2, k_splits=1)),
-    (512, "fp4", True, K.MANY_TOKENS),  # two warpgroups, one 16-copy table, in place
+    (512, "fp4", True, K.MANY_TOKENS),  # two warpgroups, one table, stored in two halves
+    (256, "nf4", False, K.BlockSizes(compute_wgs=2, k_splits=1, token_tile=256, table_copies=16)),
     (100, "nf4", True, K.MID_TOKENS),  # the same on 128-token tiles, 32 copies, split-K
     (1, "nf4", True, K.BlockSizes(table_copies=32)),  # the shared-memory byte-pair decode
     (16, "fp4", False, K.BlockSizes(table_copies=16, tile_k=128, max_concurrent_steps=3)),

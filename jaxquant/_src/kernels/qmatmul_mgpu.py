@@ -102,10 +102,10 @@ AUTO_MAX_TOKENS = 2048
 # weight row, each weight tile decoded once per 256 tokens) and write their tiles in place; with
 # fewer than ~100 such CTAs the GPU is not filled and the split-K kernel stays faster
 # (4096x4096, 256 tokens: 29.2 vs 51.3 us, session 7). Both decode through one shared-memory
-# byte-pair table of 16 copies (what fits beside two 72 KB steps and the 64 KB output tile): at
-# 2048 tokens 380.7 -> 356.2 us at 4096x14336, 388.1 -> 325.5 at 14336x4096 (session 10).
+# byte-pair table (32 copies fit beside two 72 KB steps with the output stored in halves): at
+# 2048 tokens 380.7 -> 349.5 us at 4096x14336, 388.1 -> 318.3 at 14336x4096 (session 10).
 MANY_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=2, k_splits=1, token_tile=256,
-                         compute_wgs=2, table_copies=16)
+                         compute_wgs=2, table_copies=32)
 MANY_TOKENS_MIN_CTAS = 100
 # 65-128 tokens: the same two warpgroups on 128-token tiles with a 32-copy table, K split so that
 # ~one CTA per SM runs (112 = 4096x14336's tiles unsplit). At 128 tokens 42.8 -> 38.6 us
