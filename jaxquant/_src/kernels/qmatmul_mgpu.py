@@ -107,10 +107,11 @@ AUTO_MAX_TOKENS = 2048
 MANY_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=2, k_splits=1, token_tile=256,
                          compute_wgs=2, table_copies=32)
 MANY_TOKENS_MIN_CTAS = 100
-# 65-128 tokens: the same two warpgroups on 128-token tiles with a 32-copy table, K split so that
-# ~one CTA per SM runs (112 = 4096x14336's tiles unsplit). At 128 tokens 42.8 -> 38.6 us
-# (4096x14336), 44.6 -> 38.6 (14336x4096, 4 splits), 18.1 -> 15.9 (4096x4096, 4 splits).
-MID_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=2, token_tile=128, compute_wgs=2,
+# 65-128 tokens: the same two warpgroups on 128-token tiles with a 32-copy table and 3 stages, K
+# split so that ~one CTA per SM runs (112 = 4096x14336's tiles unsplit). At 128 tokens 42.8 ->
+# 34.6 us (4096x14336), 44.6 -> 35.6-36.0 (14336x4096, 4 splits), 18.1 -> 15.7 (4096x4096, 4
+# splits); with 2 stages 38.6 / 38.6 / 15.9 (session 10).
+MID_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=3, token_tile=128, compute_wgs=2,
                         table_copies=32, target_ctas=112)
 MID_TOKENS_MAX = 128
 
