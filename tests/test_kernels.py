@@ -108,12 +108,12 @@ def test_token_tiles_warpgroups_and_direct_output(m, block_sizes, rng):
 @pytest.mark.parametrize("m,n,preset,splits", [
     (256, 14336, "MANY", 1), (1024, 4096, "MANY", 1), (2048, 14336, "MANY", 1),
     (96, 14336, "MID", 1), (128, 4096, "MID", 4), (65, 2048, "MID", 8),
-    (256, 4096, None, None), (64, 14336, "FEW", 1), (512, 14400, None, None),
-    (100, 14400, None, None)])
+    (256, 4096, "MID", 2), (512, 4096, "MID", 1), (64, 14336, "FEW", 1),
+    (512, 14400, None, None), (100, 14400, None, None)])
 def test_block_sizes_by_token_count(m, n, preset, splits):
     """<= 64 tokens: one warpgroup with the table decode (FEW); 65-128: two warpgroups on
     128-token tiles, K split to ~112 CTAs (MID); beyond: 256-token tiles where they make >= 100
-    CTAs (MANY); else (and for N not a multiple of 128) the split-K kernel's defaults."""
+    CTAs (MANY), else MID again; for N not a multiple of 128 the split-K kernel's defaults."""
     q = jq.QArray(codes=np.zeros((n, 2048), np.uint8), scale=np.ones((n, 64), np.float32),
                   shape=(4096, n), qtype="nf4", block_size=64, axis=0)
     chosen = K._check_supported(jnp.zeros((m, 4096), jnp.bfloat16), q, jnp.bfloat16)
@@ -122,7 +122,7 @@ def test_block_sizes_by_token_count(m, n, preset, splits):
     assert dataclasses.replace(chosen, tile_k=expected.tile_k,
                                max_concurrent_steps=expected.max_concurrent_steps) == expected
     if preset in ("MID", "MANY"):  # 128-k steps of x fit beside the table: 3 or 2 of them
-        assert chosen.tile_k == 128 and chosen.max_concurrent_steps == (3 if m <= 128 else 2)
+        assert chosen.tile_k == 128 and chosen.max_concurrent_steps == (3 if preset == "MID" else 2)
     if splits:
         tokens, m_pad = K._token_tiling(m, chosen)
         assert K._k_splits(4096, n, tokens, m_pad // tokens, chosen) == splits

@@ -17,10 +17,10 @@ decoded in registers, ``block_constants``), one step ahead of their use.
 Tokens beyond one CTA's tile (``token_tile``) run on a grid axis of token tiles, fastest-varying so
 the CTAs sharing a weight tile read it from HBM once. Up to 64 tokens one warpgroup per CTA
 (``FEW_TOKENS``); beyond, two warpgroups decode 64 rows each against one shared x tile and one
-shared table, fed by a third that issues the copies (warp specialization): 128-token tiles with
-split-K up to 128 tokens (``MID_TOKENS``), 256-token tiles for more tokens on a wide output
-(``MANY_TOKENS``). Without split-K each tile is stored
-transposed, in the output's dtype, straight into the ``(tokens, N)`` result.
+shared table, fed by a third that issues the copies (warp specialization): 256-token tiles
+past 128 tokens where they make enough CTAs (``MANY_TOKENS``), else 128-token tiles with K split
+to fill the GPU (``MID_TOKENS``). Without split-K each tile is stored transposed, in the output's
+dtype, straight into the ``(tokens, N)`` result.
 """
 
 from __future__ import annotations
@@ -107,10 +107,12 @@ AUTO_MAX_TOKENS = 2048
 MANY_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=2, k_splits=1, token_tile=256,
                          compute_wgs=2, table_copies=32)
 MANY_TOKENS_MIN_CTAS = 100
-# 65-128 tokens: the same two warpgroups on 128-token tiles with a 32-copy table and 3 stages, K
+# 65-128 tokens (and more, see below): the same two warpgroups on 128-token tiles with a 32-copy table and 3 stages, K
 # split so that ~one CTA per SM runs (112 = 4096x14336's tiles unsplit). At 128 tokens 42.8 ->
 # 34.6 us (4096x14336), 44.6 -> 35.6-36.0 (14336x4096, 4 splits), 18.1 -> 15.7 (4096x4096, 4
-# splits); with 2 stages 38.6 / 38.6 / 15.9 (session 10).
+# splits); with 2 stages 38.6 / 38.6 / 15.9. Also for more tokens where 256-token tiles make too
+# few CTAs: at 256 / 512 tokens 14336x4096 76.7 -> 59.8 / (XLA 134.7) -> 105.8 us, 4096x4096
+# 28.0 -> 23.9 / (XLA 42.0) -> 33.5 (session 10).
 MID_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=3, token_tile=128, compute_wgs=2,
                         table_copies=32, target_ctas=112)
 MID_TOKENS_MAX = 128
@@ -139,11 +141,12 @@ def _default_for(m: int, n: int, bs: BlockSizes) -> BlockSizes:
         return MID_TOKENS
     tokens, m_pad = _token_tiling(m, MANY_TOKENS)
     ctas = n // _rows_per_cta(MANY_TOKENS) * (m_pad // tokens)
-    return MANY_TOKENS if ctas >= MANY_TOKENS_MIN_CTAS else bs
+    return MANY_TOKENS if ctas >= MANY_TOKENS_MIN_CTAS else MID_TOKENS
 
 
-# past this many tokens the split-K kernel (too few CTAs for the warp-specialized sizes) is 4-5%
-# slower than XLA (4096x4096 and 14336x4096 at 512 tokens; bench_qmatmul, session 7)
+# past this many tokens the one-warpgroup split-K kernel (now only for N not a multiple of 128 or
+# the caller's block sizes) was 4-5% slower than XLA (4096x4096 and 14336x4096 at 512 tokens;
+# bench_qmatmul, session 7)
 AUTO_SPLIT_K_MAX_TOKENS = 256
 
 
