@@ -94,25 +94,25 @@ def _k_splits(k: int, n: int, tokens: int, token_tiles: int, bs: BlockSizes) -> 
 
 
 # auto leaves more tokens than this to XLA. At 2048 tokens the warp-specialized kernel with the
-# table decode is 0.92x / 0.89x / 0.84x a bf16 dot (14336x4096 / 4096x4096 / 4096x14336) against
-# XLA's dequantize + cuBLAS gemm at 0.85x / 0.87x / 0.86x (H100, BUILD_NOTES session 10), and it
-# never materializes the bf16 weights.
+# table decode is 0.93x / 0.89-0.93x / 0.85-0.86x a bf16 dot (14336x4096 / 4096x4096 /
+# 4096x14336) against XLA's dequantize + cuBLAS gemm at 0.85x / 0.84-0.85x / 0.85-0.86x (H100,
+# BUILD_NOTES session 10), and it never materializes the bf16 weights.
 AUTO_MAX_TOKENS = 2048
 # Many tokens on a wide output: two warpgroups share 256-token x tiles (half the x traffic per
 # weight row, each weight tile decoded once per 256 tokens) and write their tiles in place; with
-# fewer than ~100 such CTAs the GPU is not filled and the split-K kernel stays faster
-# (4096x4096, 256 tokens: 29.2 vs 51.3 us, session 7). Both decode through one shared-memory
-# byte-pair table (32 copies fit beside two 72 KB steps with the output stored in halves): at
-# 2048 tokens 380.7 -> 349.5 us at 4096x14336, 388.1 -> 318.3 at 14336x4096 (session 10).
+# fewer than ~100 such CTAs the GPU is not filled and 128-token tiles with split-K are faster
+# (MID_TOKENS below; 4096x4096, 256 tokens: 23.9 vs 47.1 us, session 10). Both decode through
+# one shared-memory byte-pair table (32 copies fit beside two 72 KB steps with the output stored
+# in halves): at 2048 tokens 380.7 -> 349.5 us at 4096x14336, 388.1 -> 318.3 at 14336x4096.
 MANY_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=2, k_splits=1, token_tile=256,
                          compute_wgs=2, table_copies=32)
 MANY_TOKENS_MIN_CTAS = 100
-# 65-128 tokens (and more, see below): the same two warpgroups on 128-token tiles with a 32-copy table and 3 stages, K
-# split so that ~one CTA per SM runs (112 = 4096x14336's tiles unsplit). At 128 tokens 42.8 ->
-# 34.6 us (4096x14336), 44.6 -> 35.6-36.0 (14336x4096, 4 splits), 18.1 -> 15.7 (4096x4096, 4
-# splits); with 2 stages 38.6 / 38.6 / 15.9. Also for more tokens where 256-token tiles make too
-# few CTAs: at 256 / 512 tokens 14336x4096 76.7 -> 59.8 / (XLA 134.7) -> 105.8 us, 4096x4096
-# 28.0 -> 23.9 / (XLA 42.0) -> 33.5 (session 10).
+# 65-128 tokens (and more, see below): the same two warpgroups on 128-token tiles with a
+# 32-copy table and 3 stages, K split so that ~one CTA per SM runs (112 = 4096x14336's tiles
+# unsplit). At 128 tokens 42.8 -> 34.6 us (4096x14336), 44.6 -> 35.6-36.0 (14336x4096, 4
+# splits), 18.1 -> 15.7 (4096x4096, 4 splits); with 2 stages 38.6 / 38.6 / 15.9. Also where
+# 256-token tiles make too few CTAs: at 256 / 512 tokens 14336x4096 76.7 -> 59.8 / (XLA 134.7)
+# -> 105.8 us, 4096x4096 28.0 -> 23.9 / (XLA 42.0) -> 33.5 (session 10).
 MID_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=3, token_tile=128, compute_wgs=2,
                         table_copies=32, target_ctas=112)
 MID_TOKENS_MAX = 128
