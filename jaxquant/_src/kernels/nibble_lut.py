@@ -156,6 +156,37 @@ def _packed(dtype):
     return "mul.rn.bf16x2", "cvt.rn.bf16x2.f32 $0, $1, $1;", ir.BF16Type.get()
 
 
+def _scale_pair(scale, h: int, cvt: str):
+    """Row half ``h``'s block scale (a (64,) float32 in WGMMA_ROW layout) as a packed pair."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import vector
+    from jax.experimental.mosaic.gpu import utils
+
+    i32 = ir.IntegerType.get_signless(32)
+    s = vector.extract(scale.registers[0, 0, h, 0, 0], [], [0])
+    return utils.inline_ptx(cvt, utils.bitcast(s, i32), result_types=i32)
+
+
+def _as_pairs(regs, out_elt):
+    """Packed pairs held in i32 registers -> 2-vectors of the operand's element type."""
+    from jax._src.lib.mlir import ir
+    from jax.experimental.mosaic.gpu import utils
+
+    return [utils.bitcast(reg, ir.VectorType.get((2,), out_elt)) for reg in regs]
+
+
+def _operand(halves):
+    """``halves[h][i]``: the pair of column group ``i`` in row half ``h`` -> the (64, 64)
+    operand chunk, WGMMA layout."""
+    from jax.experimental.mosaic import gpu as mgpu
+
+    out = np.empty((1, CHUNK // 8, 1, 1, 2, 1, 1, 1, 1), dtype=object)
+    for h, half in enumerate(halves):
+        for i, pair in enumerate(half):
+            out[0, i, 0, 0, h, 0, 0, 0, 0] = pair
+    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+
 def decode_from_table(codes_ref, row_bytes: int, scales, dtype, table, copies: int):
     """Inside ``plgpu.inline_mgpu``: the step's codes (a shared (64, row_bytes / 4) int32 ref,
     TMA-swizzled by ``row_bytes`` <= 128) and each chunk's block scales (64,) float32
@@ -163,8 +194,7 @@ def decode_from_table(codes_ref, row_bytes: int, scales, dtype, table, copies: i
     looked up in the shared-memory ``pair_table`` ``table`` of ``copies`` copies. All the
     step's code words are loaded first, so their latency is paid once per step."""
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, gpu, llvm, vector
-    from jax.experimental.mosaic import gpu as mgpu
+    from jax._src.lib.mlir.dialects import arith, gpu, llvm
     from jax.experimental.mosaic.gpu import utils
 
     i32 = ir.IntegerType.get_signless(32)
@@ -185,20 +215,11 @@ def decode_from_table(codes_ref, row_bytes: int, scales, dtype, table, copies: i
                                has_side_effects=True) for row in rows]
              for chunk in range(len(scales))]
     lookup = lookup_ptx(copies, mul)
-    operands = []
-    for chunk, scale in enumerate(scales):
-        out = np.empty((1, CHUNK // 8, 1, 1, 2, 1, 1, 1, 1), dtype=object)
-        for h in range(2):
-            s = vector.extract(scale.registers[0, 0, h, 0, 0], [], [0])
-            s2 = utils.inline_ptx(cvt, utils.bitcast(s, i32), result_types=i32)
-            regs = utils.inline_ptx(lookup, *words[chunk][h], selector, s2, copy,
-                                    result_types=[i32] * 8)
-            for i, reg in enumerate(regs):
-                out[0, i, 0, 0, h, 0, 0, 0, 0] = utils.bitcast(
-                    reg, ir.VectorType.get((2,), out_elt))
-        operands.append(mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT,
-                                             _is_signed=None))
-    return operands
+    return [_operand([_as_pairs(utils.inline_ptx(lookup, *words[chunk][h], selector,
+                                                 _scale_pair(scale, h, cvt), copy,
+                                                 result_types=[i32] * 8), out_elt)
+                      for h in range(2)])
+            for chunk, scale in enumerate(scales)]
 
 
 def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False):
@@ -208,24 +229,21 @@ def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False)
     themselves, as garbage values."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import vector
-    from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import utils
 
     i32 = ir.IntegerType.get_signless(32)
     mul, cvt, out_elt = _packed(dtype)
     ptx = _ptx(table_words(values, dtype), mul)
-    out = np.empty((1, CHUNK // 8, 1, 1, 2, 1, 1, 1, 1), dtype=object)
+    halves = []
     for h in range(2):  # rows 16w + r and 16w + r + 8
-        s = vector.extract(scale.registers[0, 0, h, 0, 0], [], [0])
-        s2 = utils.inline_ptx(cvt, utils.bitcast(s, i32), result_types=i32)
+        s2 = _scale_pair(scale, h, cvt)
         word_pair = codes.registers[0, chunk, 0, 0, h, 0, 0, 0, 0]
-        for e in range(2):
+        halves.append([])
+        for e in range(2):  # column groups 4e .. 4e + 3
             word = utils.bitcast(vector.extract(word_pair, [], [e]), i32)
             regs = [word] * 4 if raw else utils.inline_ptx(ptx, word, s2, result_types=[i32] * 4)
-            for j, reg in enumerate(regs):
-                vec = utils.bitcast(reg, ir.VectorType.get((2,), out_elt))
-                out[0, 4 * e + j, 0, 0, h, 0, 0, 0, 0] = vec
-    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+            halves[h] += _as_pairs(regs, out_elt)
+    return _operand(halves)
 
 
 def select_decode(codes, values, dtype):
