@@ -19,10 +19,10 @@ def per_call_us(f, sets, iterations=10):
 
 
 # a variant: k<tile_k> s<stages> [x<split-K ways>] [w<compute warpgroups>] [t<tokens per CTA>]
-# [c<split-K target CTAs>] [d<decode table copies>] [p<probe>], e.g. "k128 s2 x1 w2 t256",
-# "k256 s2 d32 c200" or "k128 s2 pload"
+# [c<split-K target CTAs>] [d<decode table copies>] [n<persistent CTAs>] [p<probe>], e.g.
+# "k128 s2 x1 w2 t256", "k256 s2 d32 c200", "k128 s2 x1 w2 t256 d32 n132" or "k128 s2 pload"
 FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs", t="token_tile",
-              c="target_ctas", d="table_copies", p="probe")
+              c="target_ctas", d="table_copies", n="persistent_ctas", p="probe")
 
 
 def block_sizes(variant: str):

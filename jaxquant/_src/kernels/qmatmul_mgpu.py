@@ -54,6 +54,8 @@ class BlockSizes:
     token_tile: int = MAX_TOKENS  # tokens per CTA; more tokens run as several token tiles
     compute_wgs: int = 1  # warpgroups per CTA sharing x: 1 (plain pipeline) or 2 (+1 for copies)
     table_copies: int = 0  # > 0: decode by a shared-memory byte-pair table with this many copies
+    persistent_ctas: int = 0  # > 0, two warpgroups, K not split: at most this many CTAs, each
+    # running its share of the output tiles as one pipeline (one table fill, no drain between)
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads,
     # "nodecode" the register decode (wrong results), "tablefirst" fills the table before the
     # pipeline starts
@@ -220,6 +222,8 @@ def _check_supported(x, q: QArray, compute_dtype,
         why = f"table_copies={block_sizes.table_copies} (needs 4, 8, 16 or 32)"
     elif block_sizes.table_copies and block_sizes.tile_k > 256:  # rows in one swizzle tile
         why = f"a shared-memory decode table with tile_k={block_sizes.tile_k} (at most 256)"
+    elif block_sizes.persistent_ctas and (block_sizes.compute_wgs == 1 or block_sizes.k_splits != 1):
+        why = "persistent_ctas without two warpgroups and k_splits=1"
     elif k % block_sizes.tile_k or n % rows:
         why = f"shape K={k}, N={n} (needs K % {block_sizes.tile_k} == 0 and N % {rows} == 0)"
     if why:
@@ -302,37 +306,52 @@ def _store_transposed(acc, out_ref, interpret: bool, first: int = 0):
 
 
 def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, nested_block, values,
-            compute_dtype, bs: BlockSizes, splits: int, interpret: bool):
+            compute_dtype, bs: BlockSizes, splits: int, tiles: tuple[int, int], ctas: int,
+            interpret: bool):
     *dq_gmem, out_gmem = refs
     table_gmem = dq_gmem.pop() if bs.table_copies else None  # the last input, when there is one
     wgs = bs.compute_wgs
-    mi = lax.axis_index("m")
-    ni = lax.axis_index("n")
-    si = lax.axis_index("s")
     steps = k // bs.tile_k // splits  # pipeline steps of this CTA's share of K
-    first = si * steps
     words = bs.tile_k // 8  # int32 code words per row per step
     chunk = nibble_lut.CHUNK
     blocks = max(1, bs.tile_k // block_size)  # constants per row per step
+    if ctas:  # persistent: CTA c runs output tiles c, c + ctas, ... (token tiles fastest)
+        cta, total = lax.axis_index("cta"), tiles[0] * tiles[1]
+        count = (total - 1 - cta) // ctas + 1  # this CTA's tiles
 
-    def tile():  # which 64 output features this warpgroup computes
+        def tile_at(j):  # (token tile, weight tile) of this CTA's j-th output tile
+            t = lax.min(cta + j * ctas, total - 1)  # clamped: the constants read one step ahead
+            return t % tiles[0], t // tiles[0]
+        first = 0
+    else:
+        count = 1
+        tile_at = lambda j: (lax.axis_index("m"), lax.axis_index("n"))
+        first = lax.axis_index("s") * steps
+    mi, ni = tile_at(0)
+
+    def rows(ni):  # which 64 output features this warpgroup computes
         return ni * wgs + lax.axis_index("wg") if wgs > 1 else ni
 
-    def constants(kk):
-        return _step_constants(consts_gmem, dq_gmem, tile(),
+    def constants(j, kk):
+        return _step_constants(consts_gmem, dq_gmem, rows(tile_at(j)[1]),
                                (first + kk) * bs.tile_k // block_size,
                                blocks=blocks, row_length=k // block_size,
                                nested_block=nested_block, interpret=interpret)
 
-    def step(idx, codes_smem, x_smem, consts, acc_ref, a_smem, table=None, table_ready=None):
+    def step(idx, codes_smem, x_smem, consts, acc_ref, a_smem, table=None, table_ready=None,
+             out_smem=None, sums_smem=None):
+        ti, kk = idx if wgs > 1 else (0, idx[0])  # two warpgroups: a (tiles, steps) grid
         if table is not None and bs.probe != "tablefirst":
             # the table's copy overlaps the pipeline's first loads
-            pl.when(idx[0] == 0)(lambda: plgpu.barrier_wait(table_ready))
-        # the next step's constants: their loads overlap this step's decode
+            pl.when((ti == 0) & (kk == 0))(lambda: plgpu.barrier_wait(table_ready))
+        # the next step's constants (the next tile's first at a tile's last step): their loads
+        # overlap this step's decode
         if bs.probe == "load":
             return consts
-        next_consts = (consts if bs.probe == "noconst"
-                       else constants(lax.min(idx[0] + 1, steps - 1)))
+        last = kk == steps - 1
+        next_consts = (consts if bs.probe == "noconst" else constants(
+            jnp.where(last, lax.min(ti + 1, count - 1), ti), jnp.where(last, 0, kk + 1))
+            if wgs > 1 else constants(0, lax.min(kk + 1, steps - 1)))
         if wgs > 1:  # the warpgroups share x and decode their own rows of the codes
             codes_smem = codes_smem.at[pl.ds(lax.axis_index("wg") * TILE_N, TILE_N)]
         chunk_scales = [consts[j * chunk // block_size % blocks]
@@ -361,17 +380,30 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
         # lives in registers, which a wgmma still running into the next step found reused
         # (wrong results on the H100 with delay_release=1, BUILD_NOTES session 7)
         plgpu.wgmma_wait(0)
+        if out_smem is not None:  # two warpgroups store each tile as its last step ends
+            @pl.when(last)
+            def _store():
+                acc = acc_ref[...]
+                if sums_smem is not None:  # the interpreter cannot write an accumulator: this
+                    # tile's sums are the difference from the previous tile's
+                    acc, sums_smem[...] = acc - sums_smem[...], acc
+                elif ctas:  # the next tile accumulates from zero
+                    acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
+                store(acc, out_smem, *tile_at(ti))
         return next_consts
 
     x_transforms = (plgpu.TilingTransform((8, chunk)), plgpu.SwizzleTransform(2 * chunk))
     codes_swizzle = plgpu.find_swizzle(words * 32)
     codes_transforms = (plgpu.TilingTransform((8, codes_swizzle // 4)),
                         plgpu.SwizzleTransform(codes_swizzle))
+    if wgs > 1:  # the pipeline's grid: (this CTA's output tiles, steps)
+        codes_at = lambda j, kk: (tile_at(j)[1], first + kk)
+        x_at = lambda j, kk: (tile_at(j)[0], first + kk)
+    else:
+        codes_at, x_at = (lambda kk: (ni, first + kk)), (lambda kk: (mi, first + kk))
     in_specs = [
-        plgpu.BlockSpec((wgs * TILE_N, words), lambda kk: (ni, first + kk),
-                        transforms=codes_transforms),
-        plgpu.BlockSpec((tokens, bs.tile_k), lambda kk: (mi, first + kk),
-                        transforms=x_transforms),
+        plgpu.BlockSpec((wgs * TILE_N, words), codes_at, transforms=codes_transforms),
+        plgpu.BlockSpec((tokens, bs.tile_k), x_at, transforms=x_transforms),
     ]
 
     # Without a split of K, the tile is written transposed in the output's dtype, in place;
@@ -383,24 +415,25 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
     out_block = (tokens // parts, TILE_N) if direct else (TILE_N, tokens)
     out_scratch = plgpu.SMEM((wgs, *out_block), out_gmem.dtype)
 
-    def store(acc, out_smem):
+    def store(acc, out_smem, mi, ni):
         if not direct:
             out_smem[...] = acc
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[
-                si, pl.ds(tile() * TILE_N, TILE_N), pl.ds(mi * tokens, tokens)])
+                lax.axis_index("s"), pl.ds(rows(ni) * TILE_N, TILE_N), pl.ds(mi * tokens, tokens)])
             plgpu.wait_smem_to_gmem(0)
             return
         acc = acc.astype(out_gmem.dtype)
         part = tokens // parts
         for p in range(parts):
-            if p:  # the previous part has left the buffer
+            if p or ctas:  # the previous part (or tile) has left the buffer
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             _store_transposed(acc, out_smem, interpret, first=p * part)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[
-                pl.ds(mi * tokens + p * part, part), pl.ds(tile() * TILE_N, TILE_N)])
-        plgpu.wait_smem_to_gmem(0)
+                pl.ds(mi * tokens + p * part, part), pl.ds(rows(ni) * TILE_N, TILE_N)])
+        if not ctas:  # persistent: the copies overlap the next tile's steps
+            plgpu.wait_smem_to_gmem(0)
 
     acc_type = plgpu.ACC((TILE_N, tokens))
     a_type = plgpu.SMEM((wgs, TILE_N, chunk), compute_dtype)  # the interpreter's wgmma operand
@@ -410,7 +443,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 lambda idx, codes, x, carry: step(idx, codes, x, carry, acc_ref, a_smem, table,
                                                   table_ready),
                 grid=(steps,), in_specs=in_specs, max_concurrent_steps=bs.max_concurrent_steps,
-                init_carry=constants(0),
+                init_carry=constants(0, 0),
             )(words_gmem, x_gmem)
             plgpu.wgmma_wait(0)
             return acc_ref[...]
@@ -431,14 +464,14 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                                 plgpu.Barrier(num_arrivals=1))
         else:
             acc = pl.run_scoped(acc_scope, acc_type)
-        pl.run_scoped(lambda out_smem: store(acc, out_smem.at[0]), out_scratch)
+        pl.run_scoped(lambda out_smem: store(acc, out_smem.at[0], mi, ni), out_scratch)
         return
 
     # Several compute warpgroups share each step's x tile (half the L2 -> SMEM traffic of x at
     # 2 warpgroups); a memory warpgroup issues the copies (warp specialization).
     def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+            body, grid=(count, steps), memory_registers=40, in_specs=in_specs, wg_axis="wg",
             num_compute_wgs=wgs, max_concurrent_steps=bs.max_concurrent_steps,
             compute_context=context)
 
@@ -447,14 +480,19 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                    out_smem=out_scratch)
     if interpret:
         scratch["a_smem"] = a_type
+        if ctas:
+            scratch["sums_smem"] = plgpu.SMEM((wgs, TILE_N, tokens), jnp.float32)
     elif table_gmem is not None:  # one table shared by the compute warpgroups
         scratch.update(table=plgpu.SMEM(table_gmem.shape, jnp.uint32),
                        table_ready=plgpu.Barrier(num_arrivals=1))
 
     @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
-    def _scope(allocs, out_smem, a_smem=None, table=None, table_ready=None):
+    def _scope(allocs, out_smem, a_smem=None, sums_smem=None, table=None, table_ready=None):
         wg = lax.axis_index("wg")
         a_smem = None if a_smem is None else a_smem.at[wg]
+        if sums_smem is not None:
+            sums_smem = sums_smem.at[lax.min(wg, wgs - 1)]  # (the memory warpgroup's unused)
+            sums_smem[...] = jnp.zeros(sums_smem.shape, sums_smem.dtype)
         if table is not None:  # copied in by the first warpgroup, overlapping the first steps
             pl.when(wg == 0)(lambda: plgpu.copy_gmem_to_smem(table_gmem, table, table_ready))
 
@@ -462,13 +500,13 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             @functools.partial(pl.run_scoped, acc_ref=acc_type)
             def _acc(acc_ref):
                 cell["acc"] = acc_ref
-                run_pipeline(constants(0))
+                run_pipeline(constants(0, 0))
                 plgpu.wgmma_wait(0)
-                store(acc_ref[...], out_smem.at[wg])
+            plgpu.wait_smem_to_gmem(0)  # the last tile's stores
 
         cell = {}
         body = lambda idx, codes, x, carry: step(idx, codes, x, carry, cell["acc"], a_smem, table,
-                                                 table_ready)
+                                                 table_ready, out_smem.at[wg], sums_smem)
         pipeline(body, context)(words_gmem, x_gmem, allocations=allocs)
 
 
@@ -503,17 +541,20 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     token_tiles = m_pad // tokens
     splits = _k_splits(k, n, tokens, token_tiles, block_sizes)
     wgs = block_sizes.compute_wgs
+    tiles = (token_tiles, n // _rows_per_cta(block_sizes))
+    ctas = min(block_sizes.persistent_ctas, tiles[0] * tiles[1])
     kernel = functools.partial(
         _kernel, k=k, tokens=tokens, block_size=q.block_size, nested_block=nested_block,
         values=codebooks.QTYPES[q.qtype].values, compute_dtype=np.dtype(compute_dtype),
-        bs=block_sizes, splits=splits, interpret=interpret)
+        bs=block_sizes, splits=splits, tiles=tiles, ctas=ctas, interpret=interpret)
     out_type = (jax.ShapeDtypeStruct((m_pad, n), x.dtype) if splits == 1
                 else jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32))
     # token tiles vary fastest: the CTAs that share a weight tile run together (one HBM read)
     extra = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
+    grid = dict(grid=(1, ctas, 1), grid_names=("m", "cta", "s")) if ctas else dict(
+        grid=(*tiles, splits), grid_names=("m", "n", "s"))
     call = plgpu.kernel(
-        kernel, out_type=out_type, grid=(token_tiles, n // _rows_per_cta(block_sizes), splits),
-        grid_names=("m", "n", "s"), **extra,
+        kernel, out_type=out_type, **grid, **extra,
         interpret=plgpu.InterpretGPUParams() if interpret else None)
     out = call(words, x2, *consts, *tables)
     out = out[:m] if splits == 1 else out.sum(0)[:, :m].T  # split-K partial sums
