@@ -163,6 +163,16 @@ def can_use(x, q: QArray, compute_dtype) -> bool:
     return faster and platform.hopper_present()
 
 
+def _persistent_ctas(tiles: int, bs: BlockSizes) -> int:
+    """How many CTAs share ``tiles`` output tiles (0: one CTA each): as many rounds as
+    ``persistent_ctas`` CTAs need, each CTA running as many tiles as possible in them, so that
+    the rounds divide evenly where they can (896 tiles: 128 CTAs of 7, not 132 of 6 or 7)."""
+    if not bs.persistent_ctas:
+        return 0
+    rounds = -(-tiles // bs.persistent_ctas)
+    return -(-tiles // rounds)
+
+
 def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, tokens: int) -> BlockSizes:
     """Shorter steps for a K that the default step does not divide (SmolLM2's 576, say), and
     for many tokens, so that two steps of x still fit the stage budget."""
@@ -317,10 +327,10 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
     blocks = max(1, bs.tile_k // block_size)  # constants per row per step
     if ctas:  # persistent: CTA c runs output tiles c, c + ctas, ... (token tiles fastest)
         cta, total = lax.axis_index("cta"), tiles[0] * tiles[1]
-        count = (total - 1 - cta) // ctas + 1  # this CTA's tiles
+        count = total // ctas if total % ctas == 0 else (total - 1 - cta) // ctas + 1
 
         def tile_at(j):  # (token tile, weight tile) of this CTA's j-th output tile
-            t = lax.min(cta + j * ctas, total - 1)  # clamped: the constants read one step ahead
+            t = cta + j * ctas
             return t % tiles[0], t // tiles[0]
         first = 0
     else:
@@ -542,7 +552,7 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     splits = _k_splits(k, n, tokens, token_tiles, block_sizes)
     wgs = block_sizes.compute_wgs
     tiles = (token_tiles, n // _rows_per_cta(block_sizes))
-    ctas = min(block_sizes.persistent_ctas, tiles[0] * tiles[1])
+    ctas = _persistent_ctas(tiles[0] * tiles[1], block_sizes)
     kernel = functools.partial(
         _kernel, k=k, tokens=tokens, block_size=q.block_size, nested_block=nested_block,
         values=codebooks.QTYPES[q.qtype].values, compute_dtype=np.dtype(compute_dtype),
