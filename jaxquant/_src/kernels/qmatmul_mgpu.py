@@ -58,7 +58,7 @@ class BlockSizes:
     # running its share of the output tiles as one pipeline (one table fill, no drain between)
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads,
     # "nodecode" the register decode (wrong results), "tablefirst" fills the table before the
-    # pipeline starts
+    # pipeline starts, "nozero" leaves a persistent CTA's accumulator unzeroed between tiles
 
 
 def _rows_per_cta(bs: BlockSizes) -> int:
@@ -397,7 +397,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 if sums_smem is not None:  # the interpreter cannot write an accumulator: this
                     # tile's sums are the difference from the previous tile's
                     acc, sums_smem[...] = acc - sums_smem[...], acc
-                elif ctas:  # the next tile accumulates from zero
+                elif ctas and bs.probe != "nozero":  # the next tile accumulates from zero
                     acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
                 store(acc, out_smem, *tile_at(ti))
         return next_consts
