@@ -55,10 +55,10 @@ class BlockSizes:
     compute_wgs: int = 1  # warpgroups per CTA sharing x: 1 (plain pipeline) or 2 (+1 for copies)
     table_copies: int = 0  # > 0: decode by a shared-memory byte-pair table with this many copies
     persistent_ctas: int = 0  # > 0, two warpgroups, K not split: at most this many CTAs, each
-    # running its share of the output tiles as one pipeline (one table fill, no drain between)
+    # running several output tiles back to back (one table fill; the copies run on)
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads,
     # "nodecode" the register decode (wrong results), "tablefirst" fills the table before the
-    # pipeline starts, "nozero" leaves a persistent CTA's accumulator unzeroed between tiles
+    # pipeline starts
 
 
 def _rows_per_cta(bs: BlockSizes) -> int:
@@ -163,14 +163,15 @@ def can_use(x, q: QArray, compute_dtype) -> bool:
     return faster and platform.hopper_present()
 
 
-def _persistent_ctas(tiles: int, bs: BlockSizes) -> int:
-    """How many CTAs share ``tiles`` output tiles (0: one CTA each): as many rounds as
-    ``persistent_ctas`` CTAs need, each CTA running as many tiles as possible in them, so that
-    the rounds divide evenly where they can (896 tiles: 128 CTAs of 7, not 132 of 6 or 7)."""
-    if not bs.persistent_ctas:
+def _persistent_ctas(tiles: int, steps: int, bs: BlockSizes) -> int:
+    """How many CTAs share ``tiles`` output tiles of ``steps`` steps, the same number each, in
+    as few rounds as ``persistent_ctas`` CTAs would take (896 tiles: 128 CTAs of 7); 0 (one CTA
+    per tile) where that does not divide evenly, takes one round, or the steps do not divide
+    into the stages (the pipelines run on from tile to tile)."""
+    if not bs.persistent_ctas or steps % bs.max_concurrent_steps:
         return 0
     rounds = -(-tiles // bs.persistent_ctas)
-    return -(-tiles // rounds)
+    return tiles // rounds if rounds > 1 and tiles % rounds == 0 else 0
 
 
 def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, tokens: int) -> BlockSizes:
@@ -326,42 +327,32 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
     chunk = nibble_lut.CHUNK
     blocks = max(1, bs.tile_k // block_size)  # constants per row per step
     if ctas:  # persistent: CTA c runs output tiles c, c + ctas, ... (token tiles fastest)
-        cta, total = lax.axis_index("cta"), tiles[0] * tiles[1]
-        count = total // ctas if total % ctas == 0 else (total - 1 - cta) // ctas + 1
-
-        def tile_at(j):  # (token tile, weight tile) of this CTA's j-th output tile
-            t = cta + j * ctas
-            return t % tiles[0], t // tiles[0]
-        first = 0
+        cta, count, first = lax.axis_index("cta"), tiles[0] * tiles[1] // ctas, 0
+        tile_at = lambda j: ((cta + j * ctas) % tiles[0], (cta + j * ctas) // tiles[0])
     else:
-        count = 1
+        count, first = 1, lax.axis_index("s") * steps
         tile_at = lambda j: (lax.axis_index("m"), lax.axis_index("n"))
-        first = lax.axis_index("s") * steps
-    mi, ni = tile_at(0)
+    mi, ni = tile_at(0)  # (token tile, weight tile) of this CTA's first output tile
 
     def rows(ni):  # which 64 output features this warpgroup computes
         return ni * wgs + lax.axis_index("wg") if wgs > 1 else ni
 
-    def constants(j, kk):
-        return _step_constants(consts_gmem, dq_gmem, rows(tile_at(j)[1]),
+    def constants(ni, kk):
+        return _step_constants(consts_gmem, dq_gmem, rows(ni),
                                (first + kk) * bs.tile_k // block_size,
                                blocks=blocks, row_length=k // block_size,
                                nested_block=nested_block, interpret=interpret)
 
     def step(idx, codes_smem, x_smem, consts, acc_ref, a_smem, table=None, table_ready=None,
-             out_smem=None, sums_smem=None):
-        ti, kk = idx if wgs > 1 else (0, idx[0])  # two warpgroups: a (tiles, steps) grid
+             ni=ni, first_tile=True):
         if table is not None and bs.probe != "tablefirst":
             # the table's copy overlaps the pipeline's first loads
-            pl.when((ti == 0) & (kk == 0))(lambda: plgpu.barrier_wait(table_ready))
-        # the next step's constants (the next tile's first at a tile's last step): their loads
-        # overlap this step's decode
+            pl.when((idx[0] == 0) & first_tile)(lambda: plgpu.barrier_wait(table_ready))
+        # the next step's constants: their loads overlap this step's decode
         if bs.probe == "load":
             return consts
-        last = kk == steps - 1
-        next_consts = (consts if bs.probe == "noconst" else constants(
-            jnp.where(last, lax.min(ti + 1, count - 1), ti), jnp.where(last, 0, kk + 1))
-            if wgs > 1 else constants(0, lax.min(kk + 1, steps - 1)))
+        next_consts = (consts if bs.probe == "noconst"
+                       else constants(ni, lax.min(idx[0] + 1, steps - 1)))
         if wgs > 1:  # the warpgroups share x and decode their own rows of the codes
             codes_smem = codes_smem.at[pl.ds(lax.axis_index("wg") * TILE_N, TILE_N)]
         chunk_scales = [consts[j * chunk // block_size % blocks]
@@ -390,31 +381,18 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
         # lives in registers, which a wgmma still running into the next step found reused
         # (wrong results on the H100 with delay_release=1, BUILD_NOTES session 7)
         plgpu.wgmma_wait(0)
-        if out_smem is not None:  # two warpgroups store each tile as its last step ends
-            @pl.when(last)
-            def _store():
-                acc = acc_ref[...]
-                if sums_smem is not None:  # the interpreter cannot write an accumulator: this
-                    # tile's sums are the difference from the previous tile's
-                    acc, sums_smem[...] = acc - sums_smem[...], acc
-                elif ctas and bs.probe != "nozero":  # the next tile accumulates from zero
-                    acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
-                store(acc, out_smem, *tile_at(ti))
         return next_consts
 
     x_transforms = (plgpu.TilingTransform((8, chunk)), plgpu.SwizzleTransform(2 * chunk))
     codes_swizzle = plgpu.find_swizzle(words * 32)
     codes_transforms = (plgpu.TilingTransform((8, codes_swizzle // 4)),
                         plgpu.SwizzleTransform(codes_swizzle))
-    if wgs > 1:  # the pipeline's grid: (this CTA's output tiles, steps)
-        codes_at = lambda j, kk: (tile_at(j)[1], first + kk)
-        x_at = lambda j, kk: (tile_at(j)[0], first + kk)
-    else:
-        codes_at, x_at = (lambda kk: (ni, first + kk)), (lambda kk: (mi, first + kk))
-    in_specs = [
-        plgpu.BlockSpec((wgs * TILE_N, words), codes_at, transforms=codes_transforms),
-        plgpu.BlockSpec((tokens, bs.tile_k), x_at, transforms=x_transforms),
-    ]
+
+    def in_specs(mi, ni):  # the steps of one output tile
+        return [plgpu.BlockSpec((wgs * TILE_N, words), lambda kk: (ni, first + kk),
+                                transforms=codes_transforms),
+                plgpu.BlockSpec((tokens, bs.tile_k), lambda kk: (mi, first + kk),
+                                transforms=x_transforms)]
 
     # Without a split of K, the tile is written transposed in the output's dtype, in place;
     # with one, float32 partial sums (splits, N, tokens) that XLA adds up.
@@ -442,7 +420,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[
                 pl.ds(mi * tokens + p * part, part), pl.ds(rows(ni) * TILE_N, TILE_N)])
-        if not ctas:  # persistent: the copies overlap the next tile's steps
+        if not ctas:  # persistent: the copies run on beside the next tile's steps
             plgpu.wait_smem_to_gmem(0)
 
     acc_type = plgpu.ACC((TILE_N, tokens))
@@ -452,8 +430,8 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             plgpu.emit_pipeline(
                 lambda idx, codes, x, carry: step(idx, codes, x, carry, acc_ref, a_smem, table,
                                                   table_ready),
-                grid=(steps,), in_specs=in_specs, max_concurrent_steps=bs.max_concurrent_steps,
-                init_carry=constants(0, 0),
+                grid=(steps,), in_specs=in_specs(mi, ni),
+                max_concurrent_steps=bs.max_concurrent_steps, init_carry=constants(ni, 0),
             )(words_gmem, x_gmem)
             plgpu.wgmma_wait(0)
             return acc_ref[...]
@@ -478,46 +456,57 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
         return
 
     # Several compute warpgroups share each step's x tile (half the L2 -> SMEM traffic of x at
-    # 2 warpgroups); a memory warpgroup issues the copies (warp specialization).
-    def pipeline(body, context):
+    # 2 warpgroups); a memory warpgroup issues the copies (warp specialization). A persistent
+    # CTA runs one pipeline per output tile, chained (``pipeline_state``): the copies of a tile's
+    # first steps overlap the previous tile's last steps and its store.
+    def pipeline(body, context, mi, ni, state=None):
         return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(count, steps), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+            body, grid=(steps,), memory_registers=40, in_specs=in_specs(mi, ni), wg_axis="wg",
             num_compute_wgs=wgs, max_concurrent_steps=bs.max_concurrent_steps,
-            compute_context=context)
+            compute_context=context, pipeline_state=state)
 
     ignore = lambda *_, **__: None
-    scratch = dict(allocs=pipeline(ignore, ignore).get_allocations(words_gmem, x_gmem),
+    scratch = dict(allocs=pipeline(ignore, ignore, mi, ni).get_allocations(words_gmem, x_gmem),
                    out_smem=out_scratch)
     if interpret:
         scratch["a_smem"] = a_type
-        if ctas:
-            scratch["sums_smem"] = plgpu.SMEM((wgs, TILE_N, tokens), jnp.float32)
     elif table_gmem is not None:  # one table shared by the compute warpgroups
         scratch.update(table=plgpu.SMEM(table_gmem.shape, jnp.uint32),
                        table_ready=plgpu.Barrier(num_arrivals=1))
 
     @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
-    def _scope(allocs, out_smem, a_smem=None, sums_smem=None, table=None, table_ready=None):
+    def _scope(allocs, out_smem, a_smem=None, table=None, table_ready=None):
         wg = lax.axis_index("wg")
         a_smem = None if a_smem is None else a_smem.at[wg]
-        if sums_smem is not None:
-            sums_smem = sums_smem.at[lax.min(wg, wgs - 1)]  # (the memory warpgroup's unused)
-            sums_smem[...] = jnp.zeros(sums_smem.shape, sums_smem.dtype)
         if table is not None:  # copied in by the first warpgroup, overlapping the first steps
             pl.when(wg == 0)(lambda: plgpu.copy_gmem_to_smem(table_gmem, table, table_ready))
 
-        def context(run_pipeline):
-            @functools.partial(pl.run_scoped, acc_ref=acc_type)
-            def _acc(acc_ref):
-                cell["acc"] = acc_ref
-                run_pipeline(constants(0, 0))
-                plgpu.wgmma_wait(0)
-            plgpu.wait_smem_to_gmem(0)  # the last tile's stores
+        def run_tile(j, state=None):  # this CTA's j-th output tile
+            mi, ni = tile_at(j)
 
-        cell = {}
-        body = lambda idx, codes, x, carry: step(idx, codes, x, carry, cell["acc"], a_smem, table,
-                                                 table_ready, out_smem.at[wg], sums_smem)
-        pipeline(body, context)(words_gmem, x_gmem, allocations=allocs)
+            def context(run_pipeline):
+                @functools.partial(pl.run_scoped, acc_ref=acc_type)
+                def _acc(acc_ref):
+                    cell["acc"] = acc_ref
+                    run_pipeline(constants(ni, 0))
+                    plgpu.wgmma_wait(0)
+                    store(acc_ref[...], out_smem.at[wg], mi, ni)
+
+            cell = {}
+            body = lambda idx, codes, x, carry: step(idx, codes, x, carry, cell["acc"], a_smem,
+                                                     table, table_ready, ni, j == 0)
+            pipeline(body, context, mi, ni, state)(words_gmem, x_gmem, allocations=allocs)
+
+        if not ctas:
+            run_tile(0)
+            return
+
+        @pl.loop(0, count)
+        def _tiles(j):
+            Stage = plgpu.PipelinePipeline
+            run_tile(j, jnp.where(j == 0, Stage.START,
+                                  jnp.where(j == count - 1, Stage.STOP, Stage.STEADY)))
+        plgpu.wait_smem_to_gmem(0)  # the last tile's stores
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "interpret", "block_sizes"))
@@ -552,7 +541,7 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     splits = _k_splits(k, n, tokens, token_tiles, block_sizes)
     wgs = block_sizes.compute_wgs
     tiles = (token_tiles, n // _rows_per_cta(block_sizes))
-    ctas = _persistent_ctas(tiles[0] * tiles[1], block_sizes)
+    ctas = _persistent_ctas(tiles[0] * tiles[1], k // block_sizes.tile_k, block_sizes)
     kernel = functools.partial(
         _kernel, k=k, tokens=tokens, block_size=q.block_size, nested_block=nested_block,
         values=codebooks.QTYPES[q.qtype].values, compute_dtype=np.dtype(compute_dtype),
@@ -561,7 +550,7 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
                 else jax.ShapeDtypeStruct((splits, n, m_pad), jnp.float32))
     # token tiles vary fastest: the CTAs that share a weight tile run together (one HBM read)
     extra = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
-    grid = dict(grid=(1, ctas, 1), grid_names=("m", "cta", "s")) if ctas else dict(
+    grid = dict(grid=(ctas,), grid_names=("cta",)) if ctas else dict(
         grid=(*tiles, splits), grid_names=("m", "n", "s"))
     call = plgpu.kernel(
         kernel, out_type=out_type, **grid, **extra,
