@@ -21,6 +21,8 @@ for qtype, dq, lead, k, n in [("nf4", True, (1,), 4096, 512), ("nf4", False, (3,
                               ("nf4", True, (130,), 4096, 14336), ("fp4", True, (300,), 4096, 14336),
                               ("nf4", True, (2, 512), 4096, 4096), ("int4", False, (1024,), 14336, 4096),
                               ("nf4", False, (200,), 1024, 192),
+                              # persistent CTAs (4 and 7 tiles each; the last token tile padding)
+                              ("nf4", True, (1024,), 4096, 14336), ("int4", False, (2, 1000), 4096, 14336),
                               # past 128 tokens on a narrow output: 128-token tiles, split-K
                               ("nf4", True, (300,), 2048, 1024),
                               # SmolLM2's K = 576: 64-element steps (the shared-memory decode)
@@ -40,9 +42,12 @@ for qtype, dq, lead, k, n in [("nf4", True, (1,), 4096, 512), ("nf4", False, (3,
         sizes = K._check_supported(x, q, jnp.bfloat16)
         tokens, m_pad = K._token_tiling(int(np.prod(lead)), sizes)
         splits = K._k_splits(k, n, tokens, m_pad // tokens, sizes)
+        ctas = K._persistent_ctas(m_pad // tokens * n // K._rows_per_cta(sizes), k // sizes.tile_k,
+                                  sizes)
         print(f"{qtype:<5} dq={dq!s:<5} heavy={heavy!s:<5} x{lead}  K={k:<6} N={n:<5} rel err {rel:.1e}  "
               f"auto=kernel: {same_auto}  (warpgroups {sizes.compute_wgs}, token tile {tokens}, "
-              f"tile_k {sizes.tile_k}, table copies {sizes.table_copies}, split-K {splits})", flush=True)
+              f"tile_k {sizes.tile_k}, table copies {sizes.table_copies}, split-K {splits}, "
+              f"persistent CTAs {ctas or '-'})", flush=True)
 # the shared-memory decode at every step length (its code loads follow the 32/64/128-byte
 # swizzle of the step's rows) and in fp16
 for tile_k in (64, 128, 256):

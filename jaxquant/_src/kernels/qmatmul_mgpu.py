@@ -20,7 +20,8 @@ the CTAs sharing a weight tile read it from HBM once. Up to 64 tokens one warpgr
 shared table, fed by a third that issues the copies (warp specialization): 256-token tiles
 past 128 tokens where they make enough CTAs (``MANY_TOKENS``), else 128-token tiles with K split
 to fill the GPU (``MID_TOKENS``). Without split-K each tile is stored transposed, in the output's
-dtype, straight into the ``(tokens, N)`` result.
+dtype, straight into the ``(tokens, N)`` result. Where 256-token tiles are short (K = 4096) and
+many, one CTA per SM runs several of them as chained pipelines (``persistent_ctas``).
 """
 
 from __future__ import annotations
@@ -102,12 +103,15 @@ def _k_splits(k: int, n: int, tokens: int, token_tiles: int, bs: BlockSizes) -> 
 AUTO_MAX_TOKENS = 2048
 # Many tokens on a wide output: two warpgroups share 256-token x tiles (half the x traffic per
 # weight row, each weight tile decoded once per 256 tokens) and write their tiles in place; with
-# fewer than ~100 such CTAs the GPU is not filled and 128-token tiles with split-K are faster
+# fewer than ~100 such tiles the GPU is not filled and 128-token tiles with split-K are faster
 # (MID_TOKENS below; 4096x4096, 256 tokens: 23.9 vs 47.1 us, session 10). Both decode through
 # one shared-memory byte-pair table (32 copies fit beside two 72 KB steps with the output stored
 # in halves): at 2048 tokens 380.7 -> 349.5 us at 4096x14336, 388.1 -> 318.3 at 14336x4096.
+# Short tiles (K = 4096: 32 steps) run persistent, one CTA per SM (the H100's and H200's 132):
+# 4096x14336 at 512 / 1024 / 2048 tokens 100.8 -> 93.2 / 198.7 -> 179.4 / 350.2 -> 325.8 us
+# (session 11).
 MANY_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=2, k_splits=1, token_tile=256,
-                         compute_wgs=2, table_copies=32)
+                         compute_wgs=2, table_copies=32, persistent_ctas=132)
 MANY_TOKENS_MIN_CTAS = 100
 # 65-128 tokens (and more, see below): the same two warpgroups on 128-token tiles with a
 # 32-copy table and 3 stages, K split so that ~one CTA per SM runs (112 = 4096x14336's tiles
@@ -163,12 +167,19 @@ def can_use(x, q: QArray, compute_dtype) -> bool:
     return faster and platform.hopper_present()
 
 
+# Past this many steps per tile a CTA per tile is as fast: the fill and store a persistent CTA
+# saves are ~1% of such a tile, and at 14336x4096 (112 steps) the chained pipelines were 2%
+# slower (322.5 vs 315.9 us at 2048 tokens, H100, session 11)
+PERSISTENT_MAX_STEPS = 64
+
+
 def _persistent_ctas(tiles: int, steps: int, bs: BlockSizes) -> int:
     """How many CTAs share ``tiles`` output tiles of ``steps`` steps, the same number each, in
     as few rounds as ``persistent_ctas`` CTAs would take (896 tiles: 128 CTAs of 7); 0 (one CTA
-    per tile) where that does not divide evenly, takes one round, or the steps do not divide
-    into the stages (the pipelines run on from tile to tile)."""
-    if not bs.persistent_ctas or steps % bs.max_concurrent_steps:
+    per tile) where that does not divide evenly, takes one round, the tiles are long, or the
+    steps do not divide into the stages (the pipelines run on from tile to tile)."""
+    if (not bs.persistent_ctas or steps > PERSISTENT_MAX_STEPS
+            or steps % bs.max_concurrent_steps):
         return 0
     rounds = -(-tiles // bs.persistent_ctas)
     return tiles // rounds if rounds > 1 and tiles % rounds == 0 else 0
