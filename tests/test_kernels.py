@@ -63,6 +63,14 @@ def test_decode_tables_the_kernel_cannot_build_raise(sizes, rng):
         K.qmatmul(jnp.ones((4, 512), jnp.bfloat16), q, interpret=True, block_sizes=sizes)
 
 
+@pytest.mark.parametrize("sizes", [K.BlockSizes(persistent_ctas=4),  # one warpgroup
+                                   K.BlockSizes(compute_wgs=2, k_splits=2, persistent_ctas=4)])
+def test_persistent_ctas_the_kernel_cannot_run_raise(sizes, rng):
+    q = make(rng, 512, 128)
+    with pytest.raises(NotImplementedError, match="persistent_ctas"):
+        K.qmatmul(jnp.ones((4, 512), jnp.bfloat16), q, interpret=True, block_sizes=sizes)
+
+
 @pytest.mark.parametrize("case", ["N=100", "K=288", "block 32", "affine", "int8", "f32"])
 def test_unsupported_inputs_raise_for_pallas_and_fall_back_for_auto(case, rng):
     k, n, m, kwargs, dtype = 512, 64, 4, {}, jnp.bfloat16
@@ -126,6 +134,39 @@ def test_block_sizes_by_token_count(m, n, preset, splits):
     if splits:
         tokens, m_pad = K._token_tiling(m, chosen)
         assert K._k_splits(4096, n, tokens, m_pad // tokens, chosen) == splits
+
+
+@pytest.mark.parametrize("m,token_tile,persistent,ctas", [
+    (48, 8, 2, 2),  # 6 tiles: 2 CTAs of 3 (chained pipelines START, STEADY, STOP)
+    (48, 8, 3, 3),  # 3 CTAs of 2 (START, STOP)
+    (40, 16, 1, 1),  # one CTA of 3, the last tile partly padding
+    (40, 8, 2, 0)])  # 5 tiles in 3 rounds do not divide evenly: a CTA per tile
+def test_persistent_ctas_run_several_tiles_as_chained_pipelines(m, token_tile, persistent, ctas,
+                                                                 rng):
+    q = make(rng, 512, 128, heavy=True)  # one weight tile of 128 rows, 4 steps
+    x = jnp.asarray(rng.standard_normal((m, 512)), jnp.float32)
+    sizes = K.BlockSizes(tile_k=128, max_concurrent_steps=2, k_splits=1, compute_wgs=2,
+                         token_tile=token_tile, table_copies=32, persistent_ctas=persistent)
+    chosen = K._check_supported(x, q, jnp.bfloat16, sizes)
+    tokens, m_pad = K._token_tiling(m, chosen)
+    assert K._persistent_ctas(m_pad // tokens, 512 // chosen.tile_k, chosen) == ctas
+    out = K.qmatmul(x, q, interpret=True, block_sizes=sizes)
+    close(out, jq.qmatmul(x, q, implementation="xla"), 512)
+
+
+@pytest.mark.parametrize("m,k,n,ctas", [
+    (2048, 4096, 14336, 128), (1024, 4096, 14336, 112), (300, 4096, 14336, 112),
+    (2048, 4096, 4096, 128),
+    (256, 4096, 14336, 0),  # 112 tiles: one round
+    (1792, 4096, 14336, 0),  # 784 tiles in 6 rounds do not divide evenly
+    (2048, 14336, 4096, 0)])  # 112-step tiles: one CTA each is as fast
+def test_many_tokens_run_persistent_where_tiles_are_short_and_many(m, k, n, ctas):
+    q = jq.QArray(codes=np.zeros((n, k // 2), np.uint8), scale=np.ones((n, k // 64), np.float32),
+                  shape=(k, n), qtype="nf4", block_size=64, axis=0)
+    chosen = K._check_supported(jnp.zeros((m, k), jnp.bfloat16), q, jnp.bfloat16)
+    tokens, m_pad = K._token_tiling(m, chosen)
+    tiles = m_pad // tokens * n // K._rows_per_cta(chosen)
+    assert K._persistent_ctas(tiles, k // chosen.tile_k, chosen) == ctas
 
 
 @pytest.mark.parametrize("m,k,n,splits", [(1, 4096, 14336, 1), (16, 14336, 4096, 4),
@@ -196,6 +237,8 @@ def test_auto_lowers_cpu_arrays_to_xla_on_a_hopper_machine(monkeypatch, rng):
     (300, "nf4", True, K.BlockSizes(k_splits=1)),  # token tiles, transposed in-place output
     (256, "nf4", True, K.BlockSizes(compute_wgs=2, k_splits=1)),
     (512, "fp4", True, K.MANY_TOKENS),  # two warpgroups, one table, stored in two halves
+    # one persistent CTA running the 4 output tiles as chained pipelines
+    (512, "nf4", True, dataclasses.replace(K.MANY_TOKENS, persistent_ctas=1)),
     (256, "nf4", False, K.BlockSizes(compute_wgs=2, k_splits=1, token_tile=256, table_copies=16)),
     (100, "nf4", True, K.MID_TOKENS),  # the same on 128-token tiles, 32 copies, split-K
     (1, "nf4", True, K.BlockSizes(table_copies=32)),  # the shared-memory byte-pair decode
