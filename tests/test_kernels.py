@@ -169,6 +169,15 @@ def test_many_tokens_run_persistent_where_tiles_are_short_and_many(m, k, n, ctas
     assert K._persistent_ctas(tiles, k // chosen.tile_k, chosen) == ctas
 
 
+@pytest.mark.parametrize("sms,tiles,ctas", [(114, 896, 112), (114, 256, 0), (132, 896, 128),
+                                            (None, 896, 128)])
+def test_persistent_ctas_are_at_most_the_gpus_sms(sms, tiles, ctas, monkeypatch):
+    """On an H100 PCIe (114 SMs) 132 CTAs would run as two waves: the rounds are counted with the
+    GPU's own SM count where the runtime gives it."""
+    monkeypatch.setattr(platform, "hopper_sm_count", lambda: sms)
+    assert K._persistent_ctas(tiles, 32, K.MANY_TOKENS) == ctas
+
+
 @pytest.mark.parametrize("m,k,n,splits", [(1, 4096, 14336, 1), (16, 14336, 4096, 4),
                                           (64, 4096, 4096, 4), (65, 4096, 4096, None)])
 def test_few_tokens_take_the_table_decode_in_fewer_longer_ctas(m, k, n, splits):

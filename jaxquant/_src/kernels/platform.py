@@ -20,6 +20,18 @@ def hopper_present() -> bool:
     return any(getattr(d, "compute_capability", "") == "9.0" for d in gpus)
 
 
+def hopper_sm_count() -> int | None:
+    """Streaming multiprocessors of this process's smallest sm90 GPU (132 on an H100 SXM or an
+    H200, 114 on an H100 PCIe); None without one, or where the runtime does not say."""
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    counts = [getattr(d, "core_count", None) for d in gpus
+              if getattr(d, "compute_capability", "") == "9.0"]
+    return min(counts) if counts and None not in counts else None
+
+
 def tpu_present() -> bool:
     try:
         return bool(jax.devices("tpu"))

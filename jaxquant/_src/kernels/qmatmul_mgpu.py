@@ -107,7 +107,8 @@ AUTO_MAX_TOKENS = 2048
 # (MID_TOKENS below; 4096x4096, 256 tokens: 23.9 vs 47.1 us, session 10). Both decode through
 # one shared-memory byte-pair table (32 copies fit beside two 72 KB steps with the output stored
 # in halves): at 2048 tokens 380.7 -> 349.5 us at 4096x14336, 388.1 -> 318.3 at 14336x4096.
-# Short tiles (K = 4096: 32 steps) run persistent, one CTA per SM (the H100's and H200's 132):
+# Short tiles (K = 4096: 32 steps) run persistent, one CTA per SM (132 on an H100 or H200; fewer
+# where the GPU has fewer):
 # 4096x14336 at 512 / 1024 / 2048 tokens 100.8 -> 93.2 / 198.7 -> 179.4 / 350.2 -> 325.8 us
 # (session 11).
 MANY_TOKENS = BlockSizes(tile_k=128, max_concurrent_steps=2, k_splits=1, token_tile=256,
@@ -181,7 +182,8 @@ def _persistent_ctas(tiles: int, steps: int, bs: BlockSizes) -> int:
     if (not bs.persistent_ctas or steps > PERSISTENT_MAX_STEPS
             or steps % bs.max_concurrent_steps):
         return 0
-    rounds = -(-tiles // bs.persistent_ctas)
+    # more CTAs than SMs would run as a second wave (an H100 PCIe has 114)
+    rounds = -(-tiles // min(bs.persistent_ctas, platform.hopper_sm_count() or bs.persistent_ctas))
     return tiles // rounds if rounds > 1 and tiles % rounds == 0 else 0
 
 
