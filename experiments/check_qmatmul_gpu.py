@@ -22,7 +22,8 @@ for qtype, dq, lead, k, n in [("nf4", True, (1,), 4096, 512), ("nf4", False, (3,
                               ("nf4", True, (2, 512), 4096, 4096), ("int4", False, (1024,), 14336, 4096),
                               ("nf4", False, (200,), 1024, 192),
                               # persistent CTAs (4 and 7 tiles each; the last token tile padding)
-                              ("nf4", True, (1024,), 4096, 14336), ("int4", False, (2, 1000), 4096, 14336),
+                              ("nf4", True, (1024,), 4096, 14336),
+                              ("int4", False, (2, 1000), 4096, 14336),
                               # past 128 tokens on a narrow output: 128-token tiles, split-K
                               ("nf4", True, (300,), 2048, 1024),
                               # SmolLM2's K = 576: 64-element steps (the shared-memory decode)

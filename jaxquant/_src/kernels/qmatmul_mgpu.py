@@ -246,7 +246,7 @@ def _check_supported(x, q: QArray, compute_dtype,
         why = f"table_copies={block_sizes.table_copies} (needs 4, 8, 16 or 32)"
     elif block_sizes.table_copies and block_sizes.tile_k > 256:  # rows in one swizzle tile
         why = f"a shared-memory decode table with tile_k={block_sizes.tile_k} (at most 256)"
-    elif block_sizes.persistent_ctas and (block_sizes.compute_wgs == 1 or block_sizes.k_splits != 1):
+    elif block_sizes.persistent_ctas and (block_sizes.compute_wgs, block_sizes.k_splits) != (2, 1):
         why = "persistent_ctas without two warpgroups and k_splits=1"
     elif k % block_sizes.tile_k or n % rows:
         why = f"shape K={k}, N={n} (needs K % {block_sizes.tile_k} == 0 and N % {rows} == 0)"
