@@ -164,8 +164,7 @@ def test_many_tokens_run_persistent_where_tiles_are_short_and_many(m, k, n, ctas
     q = jq.QArray(codes=np.zeros((n, k // 2), np.uint8), scale=np.ones((n, k // 64), np.float32),
                   shape=(k, n), qtype="nf4", block_size=64, axis=0)
     chosen = K._check_supported(jnp.zeros((m, k), jnp.bfloat16), q, jnp.bfloat16)
-    tokens, m_pad = K._token_tiling(m, chosen)
-    tiles = m_pad // tokens * n // K._rows_per_cta(chosen)
+    tiles = np.prod(K._output_tiles(m, n, chosen))
     assert K._persistent_ctas(tiles, k // chosen.tile_k, chosen) == ctas
 
 

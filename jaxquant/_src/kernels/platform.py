@@ -11,24 +11,24 @@ import jax
 from jax import lax
 
 
-def hopper_present() -> bool:
-    """Whether this process has an sm90 GPU (the Mosaic GPU kernels' target)."""
+def _hopper_gpus() -> list:
+    """This process's sm90 GPUs (the Mosaic GPU kernels' target)."""
     try:
         gpus = jax.devices("gpu")
     except RuntimeError:
-        return False
-    return any(getattr(d, "compute_capability", "") == "9.0" for d in gpus)
+        return []
+    return [d for d in gpus if getattr(d, "compute_capability", "") == "9.0"]
+
+
+def hopper_present() -> bool:
+    """Whether this process has an sm90 GPU."""
+    return bool(_hopper_gpus())
 
 
 def hopper_sm_count() -> int | None:
     """Streaming multiprocessors of this process's smallest sm90 GPU (132 on an H100 SXM or an
     H200, 114 on an H100 PCIe); None without one, or where the runtime does not say."""
-    try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        return None
-    counts = [getattr(d, "core_count", None) for d in gpus
-              if getattr(d, "compute_capability", "") == "9.0"]
+    counts = [getattr(d, "core_count", None) for d in _hopper_gpus()]
     return min(counts) if counts and None not in counts else None
 
 

@@ -76,6 +76,12 @@ def _token_tiling(m: int, bs: BlockSizes) -> tuple[int, int]:
     return tokens, -(-m // tokens) * tokens
 
 
+def _output_tiles(m: int, n: int, bs: BlockSizes) -> tuple[int, int]:
+    """(token tiles, weight tiles): the CTA tiles of an (m tokens, n features) output."""
+    tokens, m_pad = _token_tiling(m, bs)
+    return m_pad // tokens, n // _rows_per_cta(bs)
+
+
 def _k_splits(k: int, n: int, tokens: int, token_tiles: int, bs: BlockSizes) -> int:
     """How many ways to split K so that the output tiles x splits CTAs fill the GPU, >= 2 steps
     each; 1 (no split) when the output tiles alone fill it.
@@ -146,9 +152,8 @@ def _default_for(m: int, n: int, bs: BlockSizes) -> BlockSizes:
         return bs
     if m <= MID_TOKENS_MAX:
         return MID_TOKENS
-    tokens, m_pad = _token_tiling(m, MANY_TOKENS)
-    ctas = n // _rows_per_cta(MANY_TOKENS) * (m_pad // tokens)
-    return MANY_TOKENS if ctas >= MANY_TOKENS_MIN_CTAS else MID_TOKENS
+    token_tiles, weight_tiles = _output_tiles(m, n, MANY_TOKENS)
+    return MANY_TOKENS if token_tiles * weight_tiles >= MANY_TOKENS_MIN_CTAS else MID_TOKENS
 
 
 # past this many tokens the one-warpgroup split-K kernel (now only for N not a multiple of 128 or
@@ -550,10 +555,9 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     tables = [jnp.asarray(nibble_lut.pair_table(codebooks.QTYPES[q.qtype].values, compute_dtype,
                                                 block_sizes.table_copies))
               ] if block_sizes.table_copies else []
-    token_tiles = m_pad // tokens
-    splits = _k_splits(k, n, tokens, token_tiles, block_sizes)
+    tiles = _output_tiles(m, n, block_sizes)
+    splits = _k_splits(k, n, tokens, tiles[0], block_sizes)
     wgs = block_sizes.compute_wgs
-    tiles = (token_tiles, n // _rows_per_cta(block_sizes))
     ctas = _persistent_ctas(tiles[0] * tiles[1], k // block_sizes.tile_k, block_sizes)
     kernel = functools.partial(
         _kernel, k=k, tokens=tokens, block_size=q.block_size, nested_block=nested_block,
