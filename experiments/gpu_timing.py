@@ -18,12 +18,11 @@ def per_call_us(f, sets, iterations=10):
     return statistics.median(times_ms) / len(sets) * 1e3
 
 
-# a variant: k<tile_k> s<stages> [x<split-K ways>] [w<compute warpgroups>] [g<warpgroups per
-# step's K>] [t<tokens per CTA>] [c<split-K target CTAs>] [d<decode table copies>]
-# [n<persistent CTAs>] [p<probe>], e.g. "k128 s2 x1 w2 t256", "k256 s2 d32 c200",
-# "k128 s2 x1 w2 t256 d32 n132", "k128 s3 w4 g2 t8 d32" or "k128 s2 pload"
-FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs", g="k_wgs",
-              t="token_tile", c="target_ctas", d="table_copies", n="persistent_ctas", p="probe")
+# a variant: k<tile_k> s<stages> [x<split-K ways>] [w<compute warpgroups>] [t<tokens per CTA>]
+# [c<split-K target CTAs>] [d<decode table copies>] [n<persistent CTAs>] [p<probe>], e.g.
+# "k128 s2 x1 w2 t256", "k256 s2 d32 c200", "k128 s2 x1 w2 t256 d32 n132" or "k128 s2 pload"
+FIELDS = dict(k="tile_k", s="max_concurrent_steps", x="k_splits", w="compute_wgs", t="token_tile",
+              c="target_ctas", d="table_copies", n="persistent_ctas", p="probe")
 
 
 def block_sizes(variant: str):

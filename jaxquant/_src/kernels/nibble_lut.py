@@ -110,14 +110,13 @@ def pair_table(values, dtype, copies: int) -> np.ndarray:
 
 def codes_ptx(row_bytes: int, chunk: int) -> str:
     """PTX loading the 8 code words of chunk ``chunk`` of one row of the step's codes (rows of
-    ``row_bytes`` in shared memory, TMA-swizzled by ``row_bytes``, in tiles of 8 rows): $8 =
-    the codes' shared address, $9 = the row, $10 = its offset from $8 in bytes (``row_offset``);
-    $0..$7 = its words. The four lanes of a quad load the same ones."""
+    ``row_bytes`` in shared memory, TMA-swizzled by ``row_bytes``): $8 = the codes' shared
+    address, $9 = the row; $0..$7 = its words. The four lanes of a quad load the same ones."""
     units = row_bytes // 16  # 16-byte units per row; the swizzle XORs them with row bits
     assert units in (2, 4, 8), row_bytes
     return f"""{{
     .reg .b32 row, key, a0, a1;
-    add.u32 row, $10, $8;
+    mad.lo.u32 row, $9, {row_bytes}, $8;
     mul.lo.u32 key, $9, {row_bytes};
     shr.u32 key, key, 3;
     and.b32 key, key, {(units - 1) << 4};  // (row offset >> 7) & (units - 1), in 16-byte units
@@ -128,13 +127,6 @@ def codes_ptx(row_bytes: int, chunk: int) -> str:
     ld.shared.v4.b32 {{$0, $1, $2, $3}}, [a0];
     ld.shared.v4.b32 {{$4, $5, $6, $7}}, [a1];
     }}"""
-
-
-def row_offset(row, row_bytes: int, parts: int = 1, part=0):
-    """Where row ``row`` of column tile ``part`` starts, in bytes, in codes stored as tiles of 8
-    rows by ``row_bytes`` (TMA's tiling), ``parts`` tiles side by side: the step's K split over
-    that many warpgroups. ``decode_from_table`` computes the same in MLIR."""
-    return ((row >> 3) * parts + part) * 8 * row_bytes + (row & 7) * row_bytes
 
 
 def lookup_ptx(copies: int, packed_mul: str) -> str:
@@ -195,11 +187,9 @@ def _operand(halves):
     return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
 
-def decode_from_table(codes_ref, row_bytes: int, scales, dtype, table, copies: int,
-                      parts: int = 1):
-    """Inside ``plgpu.inline_mgpu``: the step's codes (a shared (64, parts * row_bytes / 4)
-    int32 ref, tiles of 8 rows by ``row_bytes`` <= 128, TMA-swizzled by ``row_bytes``; warpgroup
-    ``wg`` decodes column tile ``wg % parts``) and each chunk's block scales (64,) float32
+def decode_from_table(codes_ref, row_bytes: int, scales, dtype, table, copies: int):
+    """Inside ``plgpu.inline_mgpu``: the step's codes (a shared (64, row_bytes / 4) int32 ref,
+    TMA-swizzled by ``row_bytes`` <= 128) and each chunk's block scales (64,) float32
     (WGMMA_ROW layout) -> the step's operand chunks (64, 64), WGMMA layout, in stored k order,
     looked up in the shared-memory ``pair_table`` ``table`` of ``copies`` copies. All the
     step's code words are loaded first, so their latency is paid once per step."""
@@ -215,20 +205,14 @@ def decode_from_table(codes_ref, row_bytes: int, scales, dtype, table, copies: i
     warp = arith.remui(arith.divui(tid, c(32)), c(4))
     rows = [arith.addi(arith.addi(arith.muli(warp, c(16)), arith.divui(lane, c(4))), c(8 * h))
             for h in range(2)]  # this thread's rows 16w + r and 16w + r + 8
-    part = arith.remui(arith.divui(tid, c(128)), c(parts))
-    offsets = [arith.addi(arith.muli(arith.addi(arith.muli(arith.shrui(row, c(3)), c(parts)),
-                                                part), c(8 * row_bytes)),
-                          arith.muli(arith.andi(row, c(7)), c(row_bytes)))
-               for row in rows]  # row_offset, in MLIR
     selector = arith.addi(c(0x4440), arith.remui(lane, c(4)))
     copy = arith.addi(llvm.ptrtoint(i32, utils.memref_ptr(table)),
                       arith.muli(arith.remui(lane, c(copies)), c(4)))
     codes = llvm.ptrtoint(i32, utils.memref_ptr(codes_ref))
     # side effects: nothing tells LLVM that these loads read what the step's copy wrote, so
     # they must not move above the pipeline's barrier wait
-    words = [[utils.inline_ptx(codes_ptx(row_bytes, chunk), codes, row, offset,
-                               result_types=[i32] * 8, has_side_effects=True)
-              for row, offset in zip(rows, offsets)]
+    words = [[utils.inline_ptx(codes_ptx(row_bytes, chunk), codes, row, result_types=[i32] * 8,
+                               has_side_effects=True) for row in rows]
              for chunk in range(len(scales))]
     lookup = lookup_ptx(copies, mul)
     return [_operand([_as_pairs(utils.inline_ptx(lookup, *words[chunk][h], selector,

@@ -57,21 +57,13 @@ class BlockSizes:
     table_copies: int = 0  # > 0: decode by a shared-memory byte-pair table with this many copies
     persistent_ctas: int = 0  # > 0, two warpgroups, K not split: at most this many CTAs, each
     # running several output tiles back to back (one table fill; the copies run on)
-    k_wgs: int = 1  # > 1: the compute warpgroups in groups of this many split each step's K
-    # (tile_k each) over the same 64 rows, summed in shared memory at the end: more warps per
-    # SM without more CTAs (table decode only)
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads,
     # "nodecode" the register decode (wrong results), "tablefirst" fills the table before the
     # pipeline starts
 
 
 def _rows_per_cta(bs: BlockSizes) -> int:
-    return TILE_N * bs.compute_wgs // bs.k_wgs
-
-
-def _step_k(bs: BlockSizes) -> int:
-    """Elements of K per pipeline step: ``tile_k`` for each of the ``k_wgs`` warpgroups."""
-    return bs.tile_k * bs.k_wgs
+    return TILE_N * bs.compute_wgs
 
 
 def _pad_tokens(m: int) -> int:
@@ -100,7 +92,7 @@ def _k_splits(k: int, n: int, tokens: int, token_tiles: int, bs: BlockSizes) -> 
     if bs.k_splits:
         return bs.k_splits
     target = bs.target_ctas or (528 if tokens <= 32 else 256)
-    steps, tiles = k // _step_k(bs), n // _rows_per_cta(bs) * token_tiles
+    steps, tiles = k // bs.tile_k, n // _rows_per_cta(bs) * token_tiles
     best = 1
     for s in range(1, steps // 2 + 1):
         if steps % s == 0 and tiles * s <= 2 * target:
@@ -206,10 +198,10 @@ def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, tokens: int) -> BlockSi
     longest = bs.tile_k
     # one step within the budget (4 CTAs per SM); warp specialized: two steps (1 CTA per SM)
     limit = _stage_budget(bs) // (2 if bs.compute_wgs > 1 else 1)
-    while longest > 64 and _step_bytes(longest, tokens, bs.compute_wgs, bs.k_wgs) > limit:
+    while longest > 64 and _step_bytes(longest, tokens, bs.compute_wgs) > limit:
         longest //= 2
     for tile_k in (longest, 128, 64):
-        if k % (tile_k * bs.k_wgs) == 0 and (tile_k % block_size == 0 or block_size % tile_k == 0):
+        if k % tile_k == 0 and (tile_k % block_size == 0 or block_size % tile_k == 0):
             return dataclasses.replace(bs, tile_k=tile_k)
     return bs
 
@@ -221,8 +213,9 @@ STAGE_BUDGET = 48 * 1024  # shared memory for the pipelined steps: 4 CTAs fit an
 WS_STAGE_BUDGET = 176 * 1024
 # ... and at least this much, more than half an SM's 228 KB: a warp-specialized CTA raises its
 # compute warpgroups' registers (setmaxnreg), which waits while another CTA on the SM holds
-# them, so two such CTAs on one SM hang the GPU (a 16-token sweep in session 4, a k_wgs sweep in
-# session 12, both with small steps). Smaller CTAs take a filler allocation.
+# them, so two such CTAs on one SM hang the GPU (a 16-token sweep in session 4; in session 12
+# two small-step variants hung and ran, 22.5 and 29.5 us, once padded). Smaller CTAs take a
+# filler allocation.
 WS_MIN_SMEM = 116 * 1024
 
 
@@ -232,14 +225,14 @@ def _stage_budget(bs: BlockSizes) -> int:
     return WS_STAGE_BUDGET - bs.table_copies * 1024  # the byte-pair table: 1 KB per copy
 
 
-def _step_bytes(tile_k: int, tokens: int, compute_wgs: int = 1, k_wgs: int = 1) -> int:
-    return compute_wgs * TILE_N * tile_k // 2 + tokens * tile_k * k_wgs * 2  # codes + x
+def _step_bytes(tile_k: int, tokens: int, compute_wgs: int = 1) -> int:
+    return compute_wgs * TILE_N * tile_k // 2 + tokens * tile_k * 2  # codes + x
 
 
 def _fit_stages(bs: BlockSizes, tokens: int) -> BlockSizes:
     """Fewer pipeline stages (>= 2) for many tokens, so that 4 CTAs still share an SM: with 64
     tokens, 4 stages took 160 KB, one CTA per SM, and ran 1.4x slower (BUILD_NOTES, kernel v4)."""
-    step = _step_bytes(bs.tile_k, tokens, bs.compute_wgs, bs.k_wgs)
+    step = _step_bytes(bs.tile_k, tokens, bs.compute_wgs)
     stages = max(2, min(bs.max_concurrent_steps, _stage_budget(bs) // step))
     return dataclasses.replace(bs, max_concurrent_steps=stages)
 
@@ -264,15 +257,10 @@ def _check_supported(x, q: QArray, compute_dtype,
         why = f"table_copies={block_sizes.table_copies} (needs 4, 8, 16 or 32)"
     elif block_sizes.table_copies and block_sizes.tile_k > 256:  # rows in one swizzle tile
         why = f"a shared-memory decode table with tile_k={block_sizes.tile_k} (at most 256)"
-    elif block_sizes.persistent_ctas and (block_sizes.compute_wgs < 2 or block_sizes.k_splits != 1):
-        why = "persistent_ctas without two or more warpgroups and k_splits=1"
-    elif block_sizes.k_wgs > 1 and (block_sizes.compute_wgs % block_sizes.k_wgs
-                                    or block_sizes.compute_wgs < 2 or not block_sizes.table_copies):
-        why = (f"k_wgs={block_sizes.k_wgs} with compute_wgs={block_sizes.compute_wgs} and "
-               f"table_copies={block_sizes.table_copies} (needs a table and whole groups)")
-    elif k % _step_k(block_sizes) or n % rows:
-        why = (f"shape K={k}, N={n} (needs K % {_step_k(block_sizes)} == 0 and "
-               f"N % {rows} == 0)")
+    elif block_sizes.persistent_ctas and (block_sizes.compute_wgs, block_sizes.k_splits) != (2, 1):
+        why = "persistent_ctas without two warpgroups and k_splits=1"
+    elif k % block_sizes.tile_k or n % rows:
+        why = f"shape K={k}, N={n} (needs K % {block_sizes.tile_k} == 0 and N % {rows} == 0)"
     if why:
         raise NotImplementedError(f"qmatmul_mgpu does not handle {why}")
     return _fit_stages(block_sizes, tokens)
@@ -292,17 +280,15 @@ def _decode_chunk(codes, scale, chunk, values, dtype, raw=False):
     return decode(codes, scale)
 
 
-def _decode_step_from_table(codes_smem, codes_transforms, scales, dtype, table, row_bytes,
-                            k_wgs=1):
+def _decode_step_from_table(codes_smem, codes_transforms, scales, dtype, table, row_bytes):
     """The step's operand chunks in stored k order, each code byte looked up in the
-    shared-memory byte-pair ``table``; ``scales``: each chunk's block scales; with ``k_wgs``,
-    this warpgroup's part of the step's K."""
+    shared-memory byte-pair ``table``; ``scales``: each chunk's block scales."""
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(codes_transforms),
                                   [plgpu.Layout.WGMMA.reduce(1)] * len(scales), plgpu.RefType()),
                        return_type=[_OPERAND(dtype)] * len(scales))
     def decode(_, codes, scales, table_ref):
         return nibble_lut.decode_from_table(codes, row_bytes, scales, dtype, table_ref,
-                                            copies=table.shape[1], parts=k_wgs)
+                                            copies=table.shape[1])
     return decode(codes_smem, list(scales), table)
 
 
@@ -359,9 +345,9 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             interpret: bool):
     *dq_gmem, out_gmem = refs
     table_gmem = dq_gmem.pop() if bs.table_copies else None  # the last input, when there is one
-    wgs, k_wgs = bs.compute_wgs, bs.k_wgs
-    steps = k // _step_k(bs) // splits  # pipeline steps of this CTA's share of K
-    words = bs.tile_k // 8  # int32 code words per row per step and warpgroup
+    wgs = bs.compute_wgs
+    steps = k // bs.tile_k // splits  # pipeline steps of this CTA's share of K
+    words = bs.tile_k // 8  # int32 code words per row per step
     chunk = nibble_lut.CHUNK
     blocks = max(1, bs.tile_k // block_size)  # constants per row per step
     if ctas:  # persistent: CTA c runs output tiles c, c + ctas, ... (token tiles fastest)
@@ -372,16 +358,12 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
         tile_at = lambda j: (lax.axis_index("m"), lax.axis_index("n"))
     mi, ni = tile_at(0)  # (token tile, weight tile) of this CTA's first output tile
 
-    # warpgroup wg computes rows group(wg) of the CTA's tile over part(wg) of each step's K
-    group = lambda: lax.axis_index("wg") // k_wgs if wgs > 1 else 0
-    part = lambda: lax.axis_index("wg") % k_wgs if k_wgs > 1 else 0
-
     def rows(ni):  # which 64 output features this warpgroup computes
-        return ni * (wgs // k_wgs) + group() if wgs > 1 else ni
+        return ni * wgs + lax.axis_index("wg") if wgs > 1 else ni
 
     def constants(ni, kk):
         return _step_constants(consts_gmem, dq_gmem, rows(ni),
-                               ((first + kk) * k_wgs + part()) * bs.tile_k // block_size,
+                               (first + kk) * bs.tile_k // block_size,
                                blocks=blocks, row_length=k // block_size,
                                nested_block=nested_block, interpret=interpret)
 
@@ -396,21 +378,20 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
         next_consts = (consts if bs.probe == "noconst"
                        else constants(ni, lax.min(idx[0] + 1, steps - 1)))
         if wgs > 1:  # the warpgroups share x and decode their own rows of the codes
-            codes_smem = codes_smem.at[pl.ds(group() * TILE_N, TILE_N)]
+            codes_smem = codes_smem.at[pl.ds(lax.axis_index("wg") * TILE_N, TILE_N)]
         chunk_scales = [consts[j * chunk // block_size % blocks]
                         for j in range(bs.tile_k // chunk)]
         if not interpret and table is not None:
             operands = _decode_step_from_table(codes_smem, codes_transforms, chunk_scales,
-                                               compute_dtype, table, row_bytes=words * 4,
-                                               k_wgs=k_wgs)
+                                               compute_dtype, table, row_bytes=words * 4)
         elif not interpret:
             codes = plgpu.load(codes_smem, layout=plgpu.Layout.WGMMA)
         for j, s in enumerate(chunk_scales):
             # x is stored (tokens, k), k-major: wgmma reads it as the transposed B operand
-            x_chunk = x_smem.at[:, pl.ds(part() * bs.tile_k + j * chunk, chunk)].transpose((1, 0))
+            x_chunk = x_smem.at[:, pl.ds(j * chunk, chunk)].transpose((1, 0))
             if interpret:  # same values through jnp; the interpreter's wgmma reads A from smem
                 a_smem[...] = nibble_lut.decode_reference(
-                    codes_smem[:, pl.ds(part() * words + j * 8, 8)], s, values, compute_dtype,
+                    codes_smem[:, pl.ds(j * 8, 8)], s, values, compute_dtype,
                     permuted=not bs.table_copies)
                 plgpu.commit_smem()
                 plgpu.wgmma(acc_ref, a_smem, x_chunk)
@@ -431,10 +412,10 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
     codes_transforms = (plgpu.TilingTransform((8, codes_swizzle // 4)),
                         plgpu.SwizzleTransform(codes_swizzle))
 
-    def in_specs(mi, ni):  # the steps of one output tile (the codes tiled by warpgroup part)
-        return [plgpu.BlockSpec((_rows_per_cta(bs), k_wgs * words), lambda kk: (ni, first + kk),
+    def in_specs(mi, ni):  # the steps of one output tile
+        return [plgpu.BlockSpec((wgs * TILE_N, words), lambda kk: (ni, first + kk),
                                 transforms=codes_transforms),
-                plgpu.BlockSpec((tokens, _step_k(bs)), lambda kk: (mi, first + kk),
+                plgpu.BlockSpec((tokens, bs.tile_k), lambda kk: (mi, first + kk),
                                 transforms=x_transforms)]
 
     # Without a split of K, the tile is written transposed in the output's dtype, in place;
@@ -444,7 +425,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
     direct = splits == 1
     parts = 2 if direct and wgs > 1 and tokens % 16 == 0 else 1
     out_block = (tokens // parts, TILE_N) if direct else (TILE_N, tokens)
-    out_scratch = plgpu.SMEM((wgs // k_wgs, *out_block), out_gmem.dtype)
+    out_scratch = plgpu.SMEM((wgs, *out_block), out_gmem.dtype)
 
     def store(acc, out_smem, mi, ni):
         if not direct:
@@ -516,42 +497,14 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
     elif table_gmem is not None:  # one table shared by the compute warpgroups
         scratch.update(table=plgpu.SMEM(table_gmem.shape, jnp.uint32),
                        table_ready=plgpu.Barrier(num_arrivals=1))
-    groups = wgs // k_wgs
-    if k_wgs > 1:  # the other parts' sums of a group's rows, added up by its first warpgroup
-        scratch.update(
-            partials=plgpu.SMEM((groups, k_wgs - 1, TILE_N, tokens), jnp.float32),
-            partials_ready=plgpu.Barrier(num_arrivals=k_wgs - 1, num_barriers=groups),
-            partials_free=plgpu.Barrier(num_arrivals=1, num_barriers=groups))
-    used = (bs.max_concurrent_steps * _step_bytes(bs.tile_k, tokens, wgs, k_wgs)
+    used = (bs.max_concurrent_steps * _step_bytes(bs.tile_k, tokens, wgs)
             + (table_gmem.size * 4 if table_gmem is not None else 0)
-            + groups * int(np.prod(out_block)) * out_gmem.dtype.itemsize
-            + groups * (k_wgs - 1) * TILE_N * tokens * 4)
+            + wgs * int(np.prod(out_block)) * out_gmem.dtype.itemsize)
     if not interpret and used < WS_MIN_SMEM:
         scratch["filler"] = plgpu.SMEM((WS_MIN_SMEM - used,), jnp.uint8)
 
-    def sum_parts_and_store(acc_ref, j, mi, ni, out_smem, partials, ready, free):
-        g, p = group(), part()
-
-        @pl.when(p != 0)
-        def _give():
-            if ctas:  # the first warpgroup has read the previous tile's
-                pl.when(j > 0)(lambda: plgpu.barrier_wait(free.at[g]))
-            partials[g, p - 1] = acc_ref[...]
-            plgpu.barrier_arrive(ready.at[g])
-
-        @pl.when(p == 0)
-        def _take():
-            plgpu.barrier_wait(ready.at[g])
-            acc = acc_ref[...]
-            for i in range(k_wgs - 1):
-                acc = acc + plgpu.load(partials.at[g, i], (), layout=plgpu.Layout.WGMMA)
-            if ctas:  # the others may write the next tile's
-                pl.when(j < count - 1)(lambda: plgpu.barrier_arrive(free.at[g]))
-            store(acc, out_smem.at[g], mi, ni)
-
     @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
-    def _scope(allocs, out_smem, a_smem=None, table=None, table_ready=None, partials=None,
-               partials_ready=None, partials_free=None, filler=None):
+    def _scope(allocs, out_smem, a_smem=None, table=None, table_ready=None, filler=None):
         wg = lax.axis_index("wg")
         a_smem = None if a_smem is None else a_smem.at[wg]
         if table is not None:  # copied in by the first warpgroup, overlapping the first steps
@@ -566,11 +519,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                     cell["acc"] = acc_ref
                     run_pipeline(constants(ni, 0))
                     plgpu.wgmma_wait(0)
-                    if k_wgs == 1:
-                        store(acc_ref[...], out_smem.at[wg], mi, ni)
-                    else:
-                        sum_parts_and_store(acc_ref, j, mi, ni, out_smem, partials,
-                                            partials_ready, partials_free)
+                    store(acc_ref[...], out_smem.at[wg], mi, ni)
 
             cell = {}
             body = lambda idx, codes, x, carry: step(idx, codes, x, carry, cell["acc"], a_smem,
@@ -620,7 +569,7 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     tiles = _output_tiles(m, n, block_sizes)
     splits = _k_splits(k, n, tokens, tiles[0], block_sizes)
     wgs = block_sizes.compute_wgs
-    ctas = _persistent_ctas(tiles[0] * tiles[1], k // _step_k(block_sizes), block_sizes)
+    ctas = _persistent_ctas(tiles[0] * tiles[1], k // block_sizes.tile_k, block_sizes)
     kernel = functools.partial(
         _kernel, k=k, tokens=tokens, block_size=q.block_size, nested_block=nested_block,
         values=codebooks.QTYPES[q.qtype].values, compute_dtype=np.dtype(compute_dtype),
