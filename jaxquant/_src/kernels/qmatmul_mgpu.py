@@ -59,7 +59,8 @@ class BlockSizes:
     # running several output tiles back to back (one table fill; the copies run on)
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads,
     # "nodecode" the register decode (wrong results), "tablefirst" fills the table before the
-    # pipeline starts
+    # pipeline starts, "interleave" decodes chunk by chunk, each chunk's wgmma issued before
+    # the next chunk's decode
 
 
 def _rows_per_cta(bs: BlockSizes) -> int:
@@ -280,15 +281,17 @@ def _decode_chunk(codes, scale, chunk, values, dtype, raw=False):
     return decode(codes, scale)
 
 
-def _decode_step_from_table(codes_smem, codes_transforms, scales, dtype, table, row_bytes):
+def _decode_step_from_table(codes_smem, codes_transforms, scales, dtype, table, row_bytes,
+                            first_chunk=0):
     """The step's operand chunks in stored k order, each code byte looked up in the
-    shared-memory byte-pair ``table``; ``scales``: each chunk's block scales."""
+    shared-memory byte-pair ``table``; ``scales``: each chunk's block scales (from chunk
+    ``first_chunk`` of the step on)."""
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(codes_transforms),
                                   [plgpu.Layout.WGMMA.reduce(1)] * len(scales), plgpu.RefType()),
                        return_type=[_OPERAND(dtype)] * len(scales))
     def decode(_, codes, scales, table_ref):
         return nibble_lut.decode_from_table(codes, row_bytes, scales, dtype, table_ref,
-                                            copies=table.shape[1])
+                                            copies=table.shape[1], first_chunk=first_chunk)
     return decode(codes_smem, list(scales), table)
 
 
@@ -381,7 +384,8 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             codes_smem = codes_smem.at[pl.ds(lax.axis_index("wg") * TILE_N, TILE_N)]
         chunk_scales = [consts[j * chunk // block_size % blocks]
                         for j in range(bs.tile_k // chunk)]
-        if not interpret and table is not None:
+        interleave = bs.probe == "interleave"
+        if not interpret and table is not None and not interleave:
             operands = _decode_step_from_table(codes_smem, codes_transforms, chunk_scales,
                                                compute_dtype, table, row_bytes=words * 4)
         elif not interpret:
@@ -397,7 +401,10 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 plgpu.wgmma(acc_ref, a_smem, x_chunk)
                 plgpu.wgmma_wait(0)
             else:
-                operand = (operands[j] if table is not None else
+                operand = (_decode_step_from_table(codes_smem, codes_transforms, [s],
+                                                   compute_dtype, table, row_bytes=words * 4,
+                                                   first_chunk=j)[0] if interleave else
+                           operands[j] if table is not None else
                            _decode_chunk(codes, s, j, values, compute_dtype,
                                          raw=bs.probe == "nodecode"))
                 plgpu.wgmma(acc_ref, operand, x_chunk)
