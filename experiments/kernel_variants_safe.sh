@@ -1,6 +1,6 @@
 #!/bin/bash
 # kernel_tokens_gpu.py with one variant per process under a time limit, so that a variant which
-# hangs the GPU (two warp-specialized CTAs on one SM did: BUILD_NOTES, session 12) costs only its
+# hangs the GPU (four compute warpgroups did: BUILD_NOTES, session 12) costs only its
 # limit. The default block sizes run first, with the XLA path and the variants in BASE (the load
 # probe unless set; BASE="" for none of those; BASE=none skips this run). On the device, from
 # the repo root:

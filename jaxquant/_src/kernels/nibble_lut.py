@@ -187,8 +187,7 @@ def _operand(halves):
     return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
 
-def decode_from_table(codes_ref, row_bytes: int, scales, dtype, table, copies: int,
-                      first_chunk: int = 0):
+def decode_from_table(codes_ref, row_bytes: int, scales, dtype, table, copies: int):
     """Inside ``plgpu.inline_mgpu``: the step's codes (a shared (64, row_bytes / 4) int32 ref,
     TMA-swizzled by ``row_bytes`` <= 128) and each chunk's block scales (64,) float32
     (WGMMA_ROW layout) -> the step's operand chunks (64, 64), WGMMA layout, in stored k order,
@@ -214,7 +213,7 @@ def decode_from_table(codes_ref, row_bytes: int, scales, dtype, table, copies: i
     # they must not move above the pipeline's barrier wait
     words = [[utils.inline_ptx(codes_ptx(row_bytes, chunk), codes, row, result_types=[i32] * 8,
                                has_side_effects=True) for row in rows]
-             for chunk in range(first_chunk, first_chunk + len(scales))]
+             for chunk in range(len(scales))]
     lookup = lookup_ptx(copies, mul)
     return [_operand([_as_pairs(utils.inline_ptx(lookup, *words[chunk][h], selector,
                                                  _scale_pair(scale, h, cvt), copy,

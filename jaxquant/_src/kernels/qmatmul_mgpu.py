@@ -59,8 +59,7 @@ class BlockSizes:
     # running several output tiles back to back (one table fill; the copies run on)
     probe: str = ""  # experiments only: "load" skips all compute, "noconst" the constant loads,
     # "nodecode" the register decode (wrong results), "tablefirst" fills the table before the
-    # pipeline starts, "interleave" decodes chunk by chunk, each chunk's wgmma issued before
-    # the next chunk's decode
+    # pipeline starts
 
 
 def _rows_per_cta(bs: BlockSizes) -> int:
@@ -212,12 +211,6 @@ STAGE_BUDGET = 48 * 1024  # shared memory for the pipelined steps: 4 CTAs fit an
 # steps and decode table take up to 176 KB, its output tile (stored in halves: 32 KB at 256
 # tokens; float32 split-K partials at 128 tokens: 64 KB, with shorter steps) the rest
 WS_STAGE_BUDGET = 176 * 1024
-# ... and at least this much, more than half an SM's 228 KB: a warp-specialized CTA raises its
-# compute warpgroups' registers (setmaxnreg), which waits while another CTA on the SM holds
-# them, so two such CTAs on one SM hang the GPU (a 16-token sweep in session 4; in session 12
-# two small-step variants hung and ran, 22.5 and 29.5 us, once padded). Smaller CTAs take a
-# filler allocation.
-WS_MIN_SMEM = 116 * 1024
 
 
 def _stage_budget(bs: BlockSizes) -> int:
@@ -281,17 +274,15 @@ def _decode_chunk(codes, scale, chunk, values, dtype, raw=False):
     return decode(codes, scale)
 
 
-def _decode_step_from_table(codes_smem, codes_transforms, scales, dtype, table, row_bytes,
-                            first_chunk=0):
+def _decode_step_from_table(codes_smem, codes_transforms, scales, dtype, table, row_bytes):
     """The step's operand chunks in stored k order, each code byte looked up in the
-    shared-memory byte-pair ``table``; ``scales``: each chunk's block scales (from chunk
-    ``first_chunk`` of the step on)."""
+    shared-memory byte-pair ``table``; ``scales``: each chunk's block scales."""
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(codes_transforms),
                                   [plgpu.Layout.WGMMA.reduce(1)] * len(scales), plgpu.RefType()),
                        return_type=[_OPERAND(dtype)] * len(scales))
     def decode(_, codes, scales, table_ref):
         return nibble_lut.decode_from_table(codes, row_bytes, scales, dtype, table_ref,
-                                            copies=table.shape[1], first_chunk=first_chunk)
+                                            copies=table.shape[1])
     return decode(codes_smem, list(scales), table)
 
 
@@ -384,8 +375,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
             codes_smem = codes_smem.at[pl.ds(lax.axis_index("wg") * TILE_N, TILE_N)]
         chunk_scales = [consts[j * chunk // block_size % blocks]
                         for j in range(bs.tile_k // chunk)]
-        interleave = bs.probe == "interleave"
-        if not interpret and table is not None and not interleave:
+        if not interpret and table is not None:
             operands = _decode_step_from_table(codes_smem, codes_transforms, chunk_scales,
                                                compute_dtype, table, row_bytes=words * 4)
         elif not interpret:
@@ -401,10 +391,7 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
                 plgpu.wgmma(acc_ref, a_smem, x_chunk)
                 plgpu.wgmma_wait(0)
             else:
-                operand = (_decode_step_from_table(codes_smem, codes_transforms, [s],
-                                                   compute_dtype, table, row_bytes=words * 4,
-                                                   first_chunk=j)[0] if interleave else
-                           operands[j] if table is not None else
+                operand = (operands[j] if table is not None else
                            _decode_chunk(codes, s, j, values, compute_dtype,
                                          raw=bs.probe == "nodecode"))
                 plgpu.wgmma(acc_ref, operand, x_chunk)
@@ -504,14 +491,9 @@ def _kernel(words_gmem, x_gmem, consts_gmem, *refs, k, tokens, block_size, neste
     elif table_gmem is not None:  # one table shared by the compute warpgroups
         scratch.update(table=plgpu.SMEM(table_gmem.shape, jnp.uint32),
                        table_ready=plgpu.Barrier(num_arrivals=1))
-    used = (bs.max_concurrent_steps * _step_bytes(bs.tile_k, tokens, wgs)
-            + (table_gmem.size * 4 if table_gmem is not None else 0)
-            + wgs * int(np.prod(out_block)) * out_gmem.dtype.itemsize)
-    if not interpret and used < WS_MIN_SMEM:
-        scratch["filler"] = plgpu.SMEM((WS_MIN_SMEM - used,), jnp.uint8)
 
     @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
-    def _scope(allocs, out_smem, a_smem=None, table=None, table_ready=None, filler=None):
+    def _scope(allocs, out_smem, a_smem=None, table=None, table_ready=None):
         wg = lax.axis_index("wg")
         a_smem = None if a_smem is None else a_smem.at[wg]
         if table is not None:  # copied in by the first warpgroup, overlapping the first steps
