@@ -17,8 +17,8 @@ import jaxquant as jq
 from jaxquant._src.kernels import qmatmul_mgpu as K
 
 # variants as in gpu_timing.block_sizes, e.g. VARIANTS="k128 s2 x1;k128 s4 w2;k128 s2 pload"
-VARIANTS = [v for v in os.environ.get("VARIANTS", "k128 s2;k128 s3;k256 s2;k64 s4;k64 s6").split(";")
-            if v.strip()]
+DEFAULT_VARIANTS = "k128 s2;k128 s3;k256 s2;k64 s4;k64 s6"
+VARIANTS = [v for v in os.environ.get("VARIANTS", DEFAULT_VARIANTS).split(";") if v.strip()]
 TOKENS = [int(t) for t in os.environ.get("TOKENS", "64,96,128").split(",")]
 SHAPES = [tuple(map(int, s.split("x"))) for s in
           os.environ.get("SHAPES", "4096x4096,4096x14336,14336x4096").split(",")]
