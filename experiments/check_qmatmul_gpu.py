@@ -42,9 +42,7 @@ for qtype, dq, lead, k, n in [("nf4", True, (1,), 4096, 512), ("nf4", False, (3,
         same_auto = bool(jnp.array_equal(auto, out))
         sizes = K._check_supported(x, q, jnp.bfloat16)
         tokens, _ = K._token_tiling(int(np.prod(lead)), sizes)
-        token_tiles, weight_tiles = K._output_tiles(int(np.prod(lead)), n, sizes)
-        splits = K._k_splits(k, n, tokens, token_tiles, sizes)
-        ctas = K._persistent_ctas(token_tiles * weight_tiles, k // sizes.tile_k, sizes)
+        _, splits, ctas = K._launch_grid(int(np.prod(lead)), k, n, sizes)
         print(f"{qtype:<5} dq={dq!s:<5} heavy={heavy!s:<5} x{lead}  K={k:<6} N={n:<5} rel err {rel:.1e}  "
               f"auto=kernel: {same_auto}  (warpgroups {sizes.compute_wgs}, token tile {tokens}, "
               f"tile_k {sizes.tile_k}, table copies {sizes.table_copies}, split-K {splits}, "

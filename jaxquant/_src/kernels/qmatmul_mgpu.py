@@ -192,6 +192,15 @@ def _persistent_ctas(tiles: int, steps: int, bs: BlockSizes) -> int:
     return tiles // rounds if rounds > 1 and tiles % rounds == 0 else 0
 
 
+def _launch_grid(m: int, k: int, n: int, bs: BlockSizes) -> tuple[tuple[int, int], int, int]:
+    """(output tiles (token, weight), ways K is split, persistent CTAs or 0) of a launch with
+    the fitted block sizes ``bs``."""
+    tokens, _ = _token_tiling(m, bs)
+    tiles = _output_tiles(m, n, bs)
+    splits = _k_splits(k, n, tokens, tiles[0], bs)
+    return tiles, splits, _persistent_ctas(tiles[0] * tiles[1], k // bs.tile_k, bs)
+
+
 def _fit_tile_k(k: int, block_size: int, bs: BlockSizes, tokens: int) -> BlockSizes:
     """Shorter steps for a K that the default step does not divide (SmolLM2's 576, say), and
     for many tokens, so that two steps of x still fit the stage budget."""
@@ -555,10 +564,8 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     tables = [jnp.asarray(nibble_lut.pair_table(codebooks.QTYPES[q.qtype].values, compute_dtype,
                                                 block_sizes.table_copies))
               ] if block_sizes.table_copies else []
-    tiles = _output_tiles(m, n, block_sizes)
-    splits = _k_splits(k, n, tokens, tiles[0], block_sizes)
+    tiles, splits, ctas = _launch_grid(m, k, n, block_sizes)
     wgs = block_sizes.compute_wgs
-    ctas = _persistent_ctas(tiles[0] * tiles[1], k // block_sizes.tile_k, block_sizes)
     kernel = functools.partial(
         _kernel, k=k, tokens=tokens, block_size=q.block_size, nested_block=nested_block,
         values=codebooks.QTYPES[q.qtype].values, compute_dtype=np.dtype(compute_dtype),
