@@ -8,7 +8,9 @@ from jaxquant._src.io import CheckpointError, load, save
 from jaxquant._src.matmul import qmatmul
 from jaxquant._src.memory import bits_per_param, memory_table, nbytes, num_params
 from jaxquant._src.qarray import QArray, validate
-from jaxquant._src.quantize import QuantConfig, dequantize, dequantize_into, quantize, unpack_codes
+from jaxquant._src.config import QuantConfig
+from jaxquant._src.dequantize import dequantize, dequantize_into, unpack_codes
+from jaxquant._src.quantize import quantize
 from jaxquant._src.sharding import qarray_sharding
 from jaxquant._src.tree import (Policy, PolicyError, Rule, dequantize_tree, format_report,
                                 memory_report, quantize_tree)

@@ -6,13 +6,14 @@ import re
 
 import jax
 
+import jaxquant._src.dequantize
 import jaxquant._src.quantize
 
 
 def test_docstring_examples():
     with jax.numpy_dtype_promotion("standard"):
-        result = doctest.testmod(jaxquant._src.quantize, verbose=False)
-    assert result.attempted > 0 and result.failed == 0
+        results = [doctest.testmod(m, verbose=False) for m in (jaxquant._src.quantize, jaxquant._src.dequantize)]
+    assert all(r.attempted > 0 and r.failed == 0 for r in results)
 
 
 def test_readme_example_runs():

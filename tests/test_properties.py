@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 import jaxquant as jq
 from jaxquant._src import codebooks
+from jaxquant._src.layout import pack_rows, unpack_rows
 from jaxquant._src.qarray import blocked_shape
-from jaxquant._src.quantize import _pack_rows, _unpack_rows
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
@@ -54,9 +54,9 @@ def test_codes_in_range(problem):
 @given(st.lists(st.integers(1, 30), min_size=1, max_size=2), st.integers(0, 2**31))
 def test_packing_round_trips(shape, seed):
     codes = np.random.default_rng(seed).integers(0, 16, size=shape)
-    packed = _pack_rows(jnp.asarray(codes), fill=7)
+    packed = pack_rows(jnp.asarray(codes), fill=7)
     assert packed.shape[-1] == -(-shape[-1] // 2)
-    np.testing.assert_array_equal(_unpack_rows(packed, shape[-1]), codes)
+    np.testing.assert_array_equal(unpack_rows(packed, shape[-1]), codes)
 
 
 @given(problems())

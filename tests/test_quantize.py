@@ -228,7 +228,7 @@ def test_validate_rejects_altered_leaves(rng):
 def test_gpu_cell_lookup_gives_the_same_codes_as_compares(qtype):
     """The GPU path (a table over a uniform grid) against the CPU path (midpoint compares), on
     random values and on every midpoint and cell edge +-64 ulps."""
-    from jaxquant._src.quantize import _code_by_cells, _code_by_sum
+    from jaxquant._src.encode import code_by_cells, code_by_sum
     qt = codebooks.QTYPES[qtype]
     cells = qt.cell_lookup[0]
     edges = ((np.arange(cells + 2) - 0.5) / (cells / 2) - 1).astype(np.float32)
@@ -238,7 +238,7 @@ def test_gpu_cell_lookup_gives_the_same_codes_as_compares(qtype):
         ulp = np.spacing(np.float32(max(abs(p), 1e-30)))
         probes.append(p + np.arange(-64, 65, dtype=np.float32) * ulp)
     s = jnp.asarray(np.clip(np.concatenate(probes), -1, 1).astype(np.float32))
-    np.testing.assert_array_equal(_code_by_cells(s, qt), _code_by_sum(s, qt))
+    np.testing.assert_array_equal(code_by_cells(s, qt), code_by_sum(s, qt))
 
 
 @pytest.mark.parametrize("qtype,shape,bs,axis,dq", [
@@ -261,14 +261,16 @@ def test_16bit_dequantize_is_the_float32_result_rounded_once(qtype, shape, bs, a
 def test_in_place_blocks_equal_the_moved_rows(qtype, zero_point, shape, axis, block, rng):
     """The off-CPU formulation for a middle block axis (reduce where the blocks lie, move only the
     codes) is bit-exact with the CPU's (move the axis last first), non-finite blocks included."""
-    from jaxquant._src import quantize as Q
+    from jaxquant._src import encode
+    from jaxquant._src.config import QuantConfig
+    from jaxquant._src.quantize import quantize_array
 
     x = rng.standard_normal(shape).astype(np.float32) * np.where(rng.random(shape) < 0.05, 30, 1)
     x.reshape(-1)[7] = np.nan
     x = jnp.asarray(x, jnp.bfloat16)
-    cfg = Q.QuantConfig(qtype, block, axis, zero_point).validated(x.ndim)
-    ref = Q._quantize(x, cfg)  # on CPU: the rows path
-    codes, scale, zp = jax.jit(Q._quantize_in_place, static_argnames=("cfg", "block_size"))(
+    cfg = QuantConfig(qtype, block, axis, zero_point).validated(x.ndim)
+    ref = quantize_array(x, cfg)  # on CPU: the rows path
+    codes, scale, zp = jax.jit(encode.quantize_in_place, static_argnames=("cfg", "block_size"))(
         x, cfg=cfg, block_size=block)
     np.testing.assert_array_equal(codes, ref.codes)
     np.testing.assert_array_equal(np.asarray(scale).view(np.uint32), np.asarray(ref.scale).view(np.uint32))
@@ -328,12 +330,11 @@ def test_dequantize_into_rejects_a_wrong_buffer():
 
 @pytest.mark.parametrize("qtype", ["dynamic8", "fp4", "nf4"])
 def test_bit_cells_count_the_midpoints_below_like_the_search(qtype, rng):
-    """The GPU's code search for dynamic8 (``_count_by_bit_cells``: one gather of the value's
+    """The GPU's code search for dynamic8 (``encode.count_by_bit_cells``: one gather of the value's
     cell by its float bits, <= 4 compares) equals the CPU's binary search on values at and
     around every midpoint and every cell limit, random values over several decades, zeros,
     +-1, +-inf and NaN. (Subnormals are left out: XLA:CPU flushes them to zero.)"""
-    from jaxquant._src import codebooks
-    from jaxquant._src import quantize as Q
+    from jaxquant._src import codebooks, encode
 
     qt = codebooks.get_qtype(qtype)
     mids = qt.midpoints
@@ -347,7 +348,7 @@ def test_bit_cells_count_the_midpoints_below_like_the_search(qtype, rng):
         (rng.standard_normal(20_000) * 10.0 ** rng.integers(-7, 1, 20_000)).astype(np.float32),
         np.array([0, -0.0, 1, -1, np.inf, -np.inf, np.nan, 2, -2], np.float32)])
     v = v[(np.abs(v) >= np.finfo(np.float32).tiny) | (v == 0) | np.isnan(v)]
-    want = np.asarray(Q._count_by_search(jnp.asarray(v), qt))
-    np.testing.assert_array_equal(np.asarray(Q._count_by_bit_cells(jnp.asarray(v), qt)), want)
+    want = np.asarray(encode.count_by_search(jnp.asarray(v), qt))
+    np.testing.assert_array_equal(np.asarray(encode.count_by_bit_cells(jnp.asarray(v), qt)), want)
     assert set(want[np.isnan(v)].tolist()) == {len(mids)}  # NaN counts above every midpoint
     assert inside.shape[1] <= 4 and below.max() <= len(mids)

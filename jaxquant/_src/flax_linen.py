@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxquant._src.dequantize import block_scale, dequantize
 from jaxquant._src.matmul import qmatmul
 from jaxquant._src.qarray import QArray
-from jaxquant._src.quantize import _constants, dequantize
 
 
 def _params(module: nn.Module) -> dict:
@@ -96,7 +96,7 @@ def _embed_rows(q: QArray, ids):
     if q.axis != 1 or q.ndim != 2:
         return jnp.take(dequantize(q), ids, axis=0)
     flat = ids.reshape(-1)
-    rows = QArray(q.codes[flat], _constants(q)[flat], None if q.zero_point is None else q.zero_point[flat],
+    rows = QArray(q.codes[flat], block_scale(q)[flat], None if q.zero_point is None else q.zero_point[flat],
                   None, shape=(flat.shape[0], q.shape[1]), dtype=q.dtype, qtype=q.qtype,
                   block_size=q.block_size, axis=1)
     return dequantize(rows).reshape(*ids.shape, q.shape[1])

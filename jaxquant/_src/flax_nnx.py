@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant._src.dequantize import dequantize
 from jaxquant._src.matmul import qmatmul
 from jaxquant._src.qarray import QArray
-from jaxquant._src.quantize import _quantize, dequantize
+from jaxquant._src.quantize import quantize_array
 from jaxquant._src.tree import Policy, plan
 
 nnx.register_data_type(QArray)
@@ -82,7 +83,7 @@ def quantize_module(module: nnx.Module, policy: Policy | None = None) -> nnx.Mod
         if rule.axis not in (0, -2):
             raise ValueError(f"quantize_module: {'/'.join(map(str, path))} is an nnx.Linear: its "
                              f"kernel (in, out) must be quantized along axis 0, got {rule.axis}")
-        q = _quantize(linear.kernel[...], rule.config(2))
+        q = quantize_array(linear.kernel[...], rule.config(2))
         replacement = QLinear(q, linear.bias, linear.dtype)
         if not path:
             raise ValueError("quantize_module: pass a module that contains the Linear layers")

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant._src.dequantize import dequantize_halves, dequantize_rows
 from jaxquant._src.qarray import QArray, validate
-from jaxquant._src.quantize import _dequantize_halves, _dequantize_rows
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 _COMPUTE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -57,12 +57,12 @@ def qmatmul_xla(x: jax.Array, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Arra
     x = x.astype(compute_dtype)
     dims = (((x.ndim - 1,), (1,)), ((), ()))
     materialize = int(np.prod(x.shape[:-1])) >= _MATERIALIZE_FROM_TOKENS
-    halves = _dequantize_halves(q, np.dtype(compute_dtype))
+    halves = dequantize_halves(q, np.dtype(compute_dtype))
     if halves is not None and not materialize:  # 4-bit: even and odd k apart, no interleave
         y = (jax.lax.dot_general(x[..., 0::2], halves[0], dims, preferred_element_type=jnp.float32)
              + jax.lax.dot_general(x[..., 1::2], halves[1], dims, preferred_element_type=jnp.float32))
     else:
-        w_t = _dequantize_rows(q, np.dtype(compute_dtype))
+        w_t = dequantize_rows(q, np.dtype(compute_dtype))
         result = jnp.float32
         if materialize:  # a plain gemm on the written-out weight
             w_t = jax.lax.optimization_barrier(w_t)
@@ -101,7 +101,7 @@ def _qmatmul_fwd(x, q, implementation, interpret, compute_dtype):
 
 def _qmatmul_bwd(implementation, interpret, compute_dtype, q, g):
     # dL/dx = g @ W^T, through the XLA path: the weights are dequantized once in compute dtype.
-    w_t = _dequantize_rows(q, np.dtype(compute_dtype))  # (N, K)
+    w_t = dequantize_rows(q, np.dtype(compute_dtype))  # (N, K)
     gx = jax.lax.dot_general(g.astype(compute_dtype), w_t, (((g.ndim - 1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
     return gx.astype(g.dtype), _zero_cotangent(q)

@@ -12,7 +12,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxquant._src.memory import nbytes
-from jaxquant._src.quantize import QuantConfig, _dequantize, _quantize
+from jaxquant._src.config import QuantConfig
+from jaxquant._src.dequantize import dequantize_array
+from jaxquant._src.quantize import quantize_array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +38,8 @@ class Variant:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _quantize_and_error(w: jax.Array, cfg: QuantConfig):
-    q = _quantize(w, cfg)
-    err = _dequantize(q, np.dtype(np.float32)) - w.astype(jnp.float32)
+    q = quantize_array(w, cfg)
+    err = dequantize_array(q, np.dtype(np.float32)) - w.astype(jnp.float32)
     return q, jnp.sum(err * err), jnp.sum(jnp.abs(err))
 
 

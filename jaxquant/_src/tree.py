@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxquant._src.config import QuantConfig
+from jaxquant._src.dequantize import dequantize
 from jaxquant._src.memory import nbytes
 from jaxquant._src.qarray import QArray
-from jaxquant._src.quantize import QuantConfig, _quantize, dequantize
+from jaxquant._src.quantize import quantize_array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +173,9 @@ def quantize_tree(params, policy: Policy | None = None, *, progress: bool = Fals
             return leaf
         cfg = rule.config(len(leaf.shape))
         if isinstance(leaf, jax.ShapeDtypeStruct):
-            out = jax.eval_shape(lambda a: _quantize(a, cfg), leaf)
+            out = jax.eval_shape(lambda a: quantize_array(a, cfg), leaf)
         else:
-            out = _quantize(jnp.asarray(leaf), cfg)
+            out = quantize_array(jnp.asarray(leaf), cfg)
             if donate and isinstance(leaf, jax.Array):
                 pending[id(leaf)] -= 1
                 if not pending[id(leaf)] and id(leaf) not in kept:

@@ -23,10 +23,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from jaxquant._src import codebooks
+from jaxquant._src.dequantize import block_scale
 from jaxquant._src.kernels import platform
 from jaxquant._src.kernels.nibble_lut import select_decode
 from jaxquant._src.qarray import QArray
-from jaxquant._src.quantize import _constants
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     m_pad = -(-m // 8) * 8
     x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
     xe, xo = x2[:, 0::2], x2[:, 1::2]
-    scales = _constants(q)  # (N, K/bs) float32
+    scales = block_scale(q)  # (N, K/bs) float32
     kernel = functools.partial(_kernel, values=codebooks.QTYPES[q.qtype].values, block_size=q.block_size,
                                tile_k=bs.tile_k, compute_dtype=np.dtype(compute_dtype))
     out = pl.pallas_call(

@@ -1,0 +1,162 @@
+"""``dequantize``: ``table[codes] * scale`` per block in float32, cast once to the output dtype.
+
+Double-quantized constants are decoded first (``block_scale``); a 4-bit array can also be
+decoded as its even and odd halves, never interleaved, for matmuls (``dequantize_halves``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant._src import codebooks, cpu_pages
+from jaxquant._src.layout import from_rows, to_blocks, unpack_rows
+from jaxquant._src.qarray import QArray, blocked_shape, validate
+
+
+def block_scale(q: QArray) -> jax.Array:
+    """``q``'s float32 block constants ``(*rest, nb)``, double-quantized ones decoded."""
+    return dequantize_array(q.scale, np.dtype(np.float32)) if isinstance(q.scale, QArray) else q.scale
+
+
+def _interleave_16bit(even: jax.Array, odd: jax.Array) -> jax.Array:
+    """Two ``(..., L/2)`` 16-bit arrays -> ``(..., L)`` alternating even/odd elements: each pair is
+    packed into one 32-bit word and bitcast back (little-endian: the low half is element 0), an
+    elementwise pass; XLA GPU's strided interleave of 16-bit values was ~80 us slower on an H100
+    at 4096x14336 (BUILD_NOTES, "The XLA path")."""
+    bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.uint32)
+    pairs = jax.lax.bitcast_convert_type(bits(even) | bits(odd) << 16, even.dtype)  # (..., L/2, 2)
+    return pairs.reshape(*even.shape[:-1], 2 * even.shape[-1])
+
+
+def dequantize_rows(q: QArray, dtype) -> jax.Array:
+    """Dequantize to the blocked layout ``(*rest, L)`` (``moveaxis(x, axis, -1)``), unmoved."""
+    if np.dtype(dtype).itemsize == 2 and (halves := dequantize_halves(q, dtype)) is not None:
+        return _interleave_16bit(*halves)  # same numbers, one elementwise pass on a GPU
+    qt = codebooks.get_qtype(q.qtype)
+    _, length = blocked_shape(q.shape, q.axis)
+    raw = unpack_rows(q.codes, length) if qt.bits == 4 else q.codes
+    out = _apply_constants(to_blocks(raw, q.block_size), q)
+    return out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])[..., :length].astype(dtype)
+
+
+def _apply_constants(raw: jax.Array, q: QArray) -> jax.Array:
+    """Raw codes ``(*rest, nb, per_block)`` -> float32 values: table, zero point, scale, offset."""
+    values = jnp.asarray(codebooks.get_qtype(q.qtype).values)[raw.astype(jnp.int32)]
+    scale = block_scale(q)[..., None]
+    if q.zero_point is not None:
+        out = (values - q.zero_point[..., None].astype(jnp.float32)) * scale
+    else:
+        out = values * scale
+    if q.offset is not None:
+        # bitsandbytes rounds the product before adding the offset; the barrier stops XLA from
+        # contracting the two into one fused multiply-add (a different last bit).
+        out = jax.lax.optimization_barrier(out) + q.offset
+    return out
+
+
+def dequantize_halves(q: QArray, dtype) -> tuple[jax.Array, jax.Array] | None:
+    """A 4-bit ``q`` as its even-k and odd-k halves ``(*rest, L/2)`` each, never interleaved.
+
+    For matmuls: ``x @ W == x[..., 0::2] @ even + x[..., 1::2] @ odd``, and interleaving the
+    nibbles back costs more than the dot on a GPU. None where blocks are partial or odd.
+    """
+    _, length = blocked_shape(q.shape, q.axis)
+    if q.bits != 4 or length % q.block_size or q.block_size % 2 or q.offset is not None:
+        return None
+
+    def half(raw):
+        blocks = raw.reshape(*raw.shape[:-1], length // q.block_size, q.block_size // 2)
+        out = _apply_constants(blocks, q)
+        return out.reshape(*out.shape[:-2], length // 2).astype(dtype)
+
+    return half(q.codes >> 4), half(q.codes & 0xF)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def dequantize_array(q: QArray, dtype) -> jax.Array:
+    """``dequantize`` for a validated ``q`` and a numpy ``dtype``, jitted."""
+    return from_rows(dequantize_rows(q, dtype), q.shape, q.axis)
+
+
+def dequantize(q: QArray, dtype=None) -> jax.Array:
+    """Undo ``quantize``: ``v[codes] * scale`` per block in float32, cast once to ``dtype``.
+
+    On the CPU, an output of 4 MB or more (outside ``jit``) is written into memory advised to be
+    transparent huge pages (``cpu_pages``; ``JAXQUANT_HUGE_PAGES=0`` turns it off): its page
+    faults, not the decode, were most of the time (4096x14336 float32: 57,345 faults, ~85 ms
+    fresh vs ~40 ms).
+
+    Args:
+      q: a QArray (validated here).
+      dtype: output dtype; defaults to the dtype ``q`` was quantized from.
+    """
+    validate(q)
+    dtype = np.dtype(q.dtype if dtype is None else dtype)
+    device = _single_device(q.codes)
+    if device is not None and (buffer := cpu_pages.fresh_buffer(q.shape, dtype, device)) is not None:
+        # a large CPU output: written into huge pages (cpu_pages.py), ~2.5x faster than fresh
+        # small pages on the 2-core VM
+        return _dequantize_into(q, buffer)
+    return dequantize_array(q, dtype)
+
+
+def _single_device(codes) -> jax.Device | None:
+    """The one device holding concrete ``codes`` (None under tracing or when sharded)."""
+    if not isinstance(codes, jax.Array) or isinstance(codes, jax.core.Tracer):
+        return None
+    devices = codes.devices()
+    return next(iter(devices)) if len(devices) == 1 else None
+
+
+@functools.partial(jax.jit, donate_argnums=(1,))
+def _dequantize_into(q: QArray, out: jax.Array) -> jax.Array:
+    # a full-size update of the donated buffer: XLA writes the values in place
+    return jax.lax.dynamic_update_slice(out, dequantize_array(q, out.dtype), (0,) * out.ndim)
+
+
+def dequantize_into(q: QArray, out: jax.Array) -> jax.Array:
+    """``dequantize(q, out.dtype)`` written into ``out``'s buffer, which is donated.
+
+    For dequantizing many arrays one after another (streaming layers, re-materializing weights):
+    a fresh output buffer is new memory that the OS maps page by page on first write, and on the
+    2-core CPU those page faults cost more than the dequantizing (4096x14336 float32: 66-93 ms
+    into a fresh buffer, 23 ms into a reused one; BUILD_NOTES). ``out`` must not be used after
+    the call (JAX deletes donated arrays); use the returned array, which holds ``out``'s memory
+    where the backend can alias it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxquant as jq
+      >>> layers = [jq.quantize(jax.random.normal(jax.random.key(i), (256, 512))) for i in range(3)]
+      >>> buffer = jnp.zeros((256, 512), jnp.float32)
+      >>> for q in layers:
+      ...     buffer = jq.dequantize_into(q, buffer)  # reuses the same memory each time
+
+    Raises:
+      TypeError: ``out`` is not a float array. ValueError: ``out.shape`` is not ``q.shape``.
+    """
+    validate(q)
+    if not isinstance(out, jax.Array) or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"dequantize_into: out must be a float jax.Array, got "
+                        f"{getattr(out, 'dtype', type(out).__name__)}")
+    if tuple(out.shape) != tuple(q.shape):
+        raise ValueError(f"dequantize_into: out has shape {tuple(out.shape)}, the QArray {tuple(q.shape)}")
+    return _dequantize_into(q, out)
+
+
+def unpack_codes(q: QArray) -> jax.Array:
+    """The codes in ``q``'s logical layout (shape ``q.shape``), before packing.
+
+    Integer qtypes give signed int8 codes (``x ≈ (code - zero_point) * scale``); table qtypes give
+    uint8 indices into their table.
+    """
+    validate(q)
+    qt = codebooks.get_qtype(q.qtype)
+    _, length = blocked_shape(q.shape, q.axis)
+    raw = unpack_rows(q.codes, length) if qt.bits == 4 else q.codes
+    if qt.is_integer:
+        raw = jnp.asarray(qt.values.astype(np.int8))[raw.astype(jnp.int32)]
+    return from_rows(raw, q.shape, q.axis)

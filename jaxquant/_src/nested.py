@@ -1,0 +1,24 @@
+"""Double quantization (QLoRA, arXiv 2305.14314): the float32 block constants quantized again."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant._src.config import QuantConfig
+from jaxquant._src.encode import quantize_rows
+from jaxquant._src.qarray import QArray
+
+
+def quantize_nested(constants: jax.Array, block_size: int) -> QArray:
+    """bitsandbytes' double quantization: subtract the mean, then dynamic8 blocks of ``block_size``.
+
+    The result is a QArray of ``constants``' shape with the mean as its ``offset``; ``dequantize``
+    adds it back after the scale (``dequantize.block_scale``).
+    """
+    offset = constants.mean() if constants.size else jnp.float32(0)
+    centered = constants - offset
+    codes, scale, _ = quantize_rows(centered, QuantConfig("dynamic8", block_size, None), block_size)
+    return QArray(codes, scale, None, offset.astype(jnp.float32), shape=tuple(centered.shape),
+                  dtype=np.dtype(centered.dtype), qtype="dynamic8", block_size=block_size, axis=None)
