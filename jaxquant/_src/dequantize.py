@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant._src import codebooks, cpu_pages
+from jaxquant._src import codebooks
 from jaxquant._src.layout import from_rows, to_blocks, unpack_rows
 from jaxquant._src.qarray import QArray, blocked_shape, validate
 
@@ -85,31 +85,24 @@ def dequantize_array(q: QArray, dtype) -> jax.Array:
 def dequantize(q: QArray, dtype=None) -> jax.Array:
     """Undo ``quantize``: ``v[codes] * scale`` per block in float32, cast once to ``dtype``.
 
-    On the CPU, an output of 4 MB or more (outside ``jit``) is written into memory advised to be
-    transparent huge pages (``cpu_pages``; ``JAXQUANT_HUGE_PAGES=0`` turns it off): its page
-    faults, not the decode, were most of the time (4096x14336 float32: 57,345 faults, ~85 ms
-    fresh vs ~40 ms).
+    The output is a fresh array. On the CPU a large fresh array costs more in first-touch page
+    faults than in decoding (4096x14336 float32: 57,345 faults, about 2.7x the time of writing
+    into memory already mapped); to dequantize many arrays in turn, reuse one buffer with
+    ``dequantize_into``.
 
     Args:
       q: a QArray (validated here).
       dtype: output dtype; defaults to the dtype ``q`` was quantized from.
+
+    Example:
+      >>> import jax, jaxquant as jq
+      >>> w = jax.random.normal(jax.random.key(0), (256, 128))
+      >>> w2 = jq.dequantize(jq.quantize(w, "nf4", block_size=64))
+      >>> w2.shape, w2.dtype
+      ((256, 128), dtype('float32'))
     """
     validate(q)
-    dtype = np.dtype(q.dtype if dtype is None else dtype)
-    device = _single_device(q.codes)
-    if device is not None and (buffer := cpu_pages.fresh_buffer(q.shape, dtype, device)) is not None:
-        # a large CPU output: written into huge pages (cpu_pages.py), ~2.5x faster than fresh
-        # small pages on the 2-core VM
-        return _dequantize_into(q, buffer)
-    return dequantize_array(q, dtype)
-
-
-def _single_device(codes) -> jax.Device | None:
-    """The one device holding concrete ``codes`` (None under tracing or when sharded)."""
-    if not isinstance(codes, jax.Array) or isinstance(codes, jax.core.Tracer):
-        return None
-    devices = codes.devices()
-    return next(iter(devices)) if len(devices) == 1 else None
+    return dequantize_array(q, np.dtype(q.dtype if dtype is None else dtype))
 
 
 @functools.partial(jax.jit, donate_argnums=(1,))
