@@ -7,8 +7,7 @@ with the device, JAX version and commit.
     python3 experiments/bench_quantize.py                                                 # GPU
 
 On CPU the shapes are float32 (ANCHORS.md's bitsandbytes CPU figures), and dequantize is timed
-twice: into a fresh buffer (`jq.dequantize`, which on CPU puts large outputs in huge pages,
-cpu_pages.py) and into a reused, donated one (`jq.dequantize_into`;
+twice: into a fresh buffer (`jq.dequantize`) and into a reused, donated one (`jq.dequantize_into`;
 bitsandbytes' CPU build raises NotImplementedError for `dequantize_4bit(..., out=)`, so it is timed
 into fresh memory only). bitsandbytes runs in its own interpreter (it needs torch, which installs on Python 3.11 here) in a subprocess of this run.
 On a GPU the input is bfloat16, and throughput is bytes read + written over time, against a
@@ -97,7 +96,7 @@ def main():
     on_gpu = dev.platform == "gpu"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     quant = jax.jit(lambda x: jq.quantize(x, "nf4", 64, double_quant=True, check_finite=False))
-    deq = jq.dequantize  # as users call it: on CPU, large outputs go into huge pages (cpu_pages.py)
+    deq = jq.dequantize  # as users call it: a fresh output each call
     rows = []
     for k, n in SHAPES:
         sets = [jax.random.normal(jax.random.key(i), (k, n), dtype) for i in range(4 if on_gpu else 1)]

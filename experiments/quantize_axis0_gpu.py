@@ -1,4 +1,4 @@
-"""Quantizing along axis 0 off the CPU (`quantize._quantize_in_place`): bit-exactness on the GPU
+"""Quantizing along axis 0 off the CPU (`encode.quantize_in_place`): bit-exactness on the GPU
 against the CPU's rows path, then speed of the nibble-packing variants.
 
     PYTHONPATH=. python3 experiments/quantize_axis0_gpu.py
@@ -21,12 +21,13 @@ from gpu_timing import per_call_us
 
 import jaxquant as jq
 from jaxquant._src import codebooks
+from jaxquant._src import encode
 from jaxquant._src import quantize as Q
 from jaxquant._src.testing import awkward_bf16
 
 cpu = jax.devices("cpu")[0]
 rng = np.random.default_rng(0)
-current = Q._quantize_in_place
+current = Q.quantize_in_place
 
 
 def in_place_pair_sum(x, cfg, block_size):
@@ -38,7 +39,7 @@ def in_place_pair_sum(x, cfg, block_size):
     a, length = cfg.axis, x.shape[cfg.axis]
     pre, post = x.shape[:a], x.shape[a + 1:]
     blocks = x.astype(jnp.float32).reshape(*pre, length // block_size, block_size, *post)
-    code, scale, zero_point = Q._quantize_blocks(blocks, length, block_size, cfg, axis=a + 1)
+    code, scale, zero_point = encode.quantize_blocks(blocks, length, block_size, cfg, axis=a + 1)
     pairs = (code & 15).reshape(*pre, length // 2, 2, *post)
     weights = jnp.asarray([16, 1], jnp.int32).reshape((2,) + (1,) * len(post))
     raw = (pairs * weights).sum(a + 1).astype(jnp.uint8)
@@ -59,7 +60,7 @@ def check(shape, qtype, zero_point, block=64):
 
 print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
 for variant in (current, in_place_pair_sum):
-    Q._quantize_in_place = variant
+    Q.quantize_in_place = variant
     jax.clear_caches()
     for shape in [(4096, 14336), (576, 1536), (192, 40)]:
         for qtype, zp in [("nf4", False), ("fp4", False), ("int4", False), ("int4", True), ("int8", True),
@@ -72,13 +73,13 @@ xs = [jax.random.normal(jax.random.key(i), (4096, 14336), jnp.bfloat16) for i in
 copy = per_call_us(lambda x: x + jnp.asarray(1, x.dtype), [(x,) for x in xs])
 print(f"\n4096x14336 bf16, us per call (copy x+1: {copy:.1f} us)")
 for variant in (current, in_place_pair_sum):
-    Q._quantize_in_place = variant
+    Q.quantize_in_place = variant
     jax.clear_caches()
     for dq in (False, True):
         f = functools.partial(jq.quantize, qtype="nf4", block_size=64, axis=0, double_quant=dq, check_finite=False)
         print(f"axis 0, {variant.__name__:<20} nf4{' + dq' if dq else '     '}: "
               f"{per_call_us(f, [(x,) for x in xs]):7.1f} us", flush=True)
-Q._quantize_in_place = current
+Q.quantize_in_place = current
 jax.clear_caches()
 for dq in (False, True):
     f = functools.partial(jq.quantize, qtype="nf4", block_size=64, axis=-1, double_quant=dq, check_finite=False)

@@ -19,31 +19,27 @@ import numpy as np
 from gpu_timing import per_call_us
 
 import jaxquant as jq
-from jaxquant._src.quantize import (
-    _dequantize_halves,
-    _dequantize_rows,
-    _interleave_16bit,
-)
+from jaxquant._src.dequantize import dequantize_halves, dequantize_rows, interleave_16bit
 
 DIMS = (((1,), (1,)), ((), ()))
 
 
 def halves(x, q):
-    even, odd = _dequantize_halves(q, np.dtype(jnp.bfloat16))
+    even, odd = dequantize_halves(q, np.dtype(jnp.bfloat16))
     y = (jax.lax.dot_general(x[:, 0::2], even, DIMS, preferred_element_type=jnp.float32)
          + jax.lax.dot_general(x[:, 1::2], odd, DIMS, preferred_element_type=jnp.float32))
     return y.astype(x.dtype)
 
 
 def packed(x, q):
-    halves_ = _dequantize_halves(q, np.dtype(jnp.bfloat16))
-    w_t = jax.lax.optimization_barrier(_interleave_16bit(*halves_))
+    halves_ = dequantize_halves(q, np.dtype(jnp.bfloat16))
+    w_t = jax.lax.optimization_barrier(interleave_16bit(*halves_))
     return jax.lax.dot_general(x, w_t, DIMS, preferred_element_type=jnp.bfloat16)
 
 
 def rows_barrier(x, q):
     # float32 rows take the strided interleave (16-bit ones are packed by 32-bit words now)
-    w_t = jax.lax.optimization_barrier(_dequantize_rows(q, np.dtype(np.float32)).astype(x.dtype))
+    w_t = jax.lax.optimization_barrier(dequantize_rows(q, np.dtype(np.float32)).astype(x.dtype))
     return jax.lax.dot_general(x, w_t, DIMS, preferred_element_type=jnp.float32).astype(x.dtype)
 
 

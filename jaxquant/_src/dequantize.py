@@ -22,7 +22,7 @@ def block_scale(q: QArray) -> jax.Array:
     return dequantize_array(q.scale, np.dtype(np.float32)) if isinstance(q.scale, QArray) else q.scale
 
 
-def _interleave_16bit(even: jax.Array, odd: jax.Array) -> jax.Array:
+def interleave_16bit(even: jax.Array, odd: jax.Array) -> jax.Array:
     """Two ``(..., L/2)`` 16-bit arrays -> ``(..., L)`` alternating even/odd elements: each pair is
     packed into one 32-bit word and bitcast back (little-endian: the low half is element 0), an
     elementwise pass; XLA GPU's strided interleave of 16-bit values was ~80 us slower on an H100
@@ -35,7 +35,7 @@ def _interleave_16bit(even: jax.Array, odd: jax.Array) -> jax.Array:
 def dequantize_rows(q: QArray, dtype) -> jax.Array:
     """Dequantize to the blocked layout ``(*rest, L)`` (``moveaxis(x, axis, -1)``), unmoved."""
     if np.dtype(dtype).itemsize == 2 and (halves := dequantize_halves(q, dtype)) is not None:
-        return _interleave_16bit(*halves)  # same numbers, one elementwise pass on a GPU
+        return interleave_16bit(*halves)  # same numbers, one elementwise pass on a GPU
     qt = codebooks.get_qtype(q.qtype)
     _, length = blocked_shape(q.shape, q.axis)
     raw = unpack_rows(q.codes, length) if qt.bits == 4 else q.codes
@@ -85,10 +85,11 @@ def dequantize_array(q: QArray, dtype) -> jax.Array:
 def dequantize(q: QArray, dtype=None) -> jax.Array:
     """Undo ``quantize``: ``v[codes] * scale`` per block in float32, cast once to ``dtype``.
 
-    The output is a fresh array. On the CPU a large fresh array costs more in first-touch page
-    faults than in decoding (4096x14336 float32: 57,345 faults, about 2.7x the time of writing
-    into memory already mapped); to dequantize many arrays in turn, reuse one buffer with
-    ``dequantize_into``.
+    The output is a fresh array. On the CPU, first-touch page faults on a large fresh array cost
+    more than the decoding (4096x14336 float32 on 2 cores: 57,345 faults, ~78 ms, against ~28 ms
+    into memory already mapped). To dequantize many arrays in turn, reuse one buffer with
+    ``dequantize_into``; or give the whole process transparent huge pages by starting it with
+    ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (113 faults).
 
     Args:
       q: a QArray (validated here).
@@ -114,10 +115,10 @@ def _dequantize_into(q: QArray, out: jax.Array) -> jax.Array:
 def dequantize_into(q: QArray, out: jax.Array) -> jax.Array:
     """``dequantize(q, out.dtype)`` written into ``out``'s buffer, which is donated.
 
-    For dequantizing many arrays one after another (streaming layers, re-materializing weights):
-    a fresh output buffer is new memory that the OS maps page by page on first write, and on the
-    2-core CPU those page faults cost more than the dequantizing (4096x14336 float32: 66-93 ms
-    into a fresh buffer, 23 ms into a reused one; BUILD_NOTES). ``out`` must not be used after
+    The fast path on the CPU for dequantizing many arrays one after another (streaming layers,
+    re-materializing weights): a fresh output is new memory that the OS maps page by page on
+    first write, and those page faults cost more than the decoding (4096x14336 float32 on 2
+    cores: ~78 ms into a fresh buffer, ~28 ms into a reused one). ``out`` must not be used after
     the call (JAX deletes donated arrays); use the returned array, which holds ``out``'s memory
     where the backend can alias it.
 
