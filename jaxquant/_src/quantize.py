@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant._src import codebooks
 from jaxquant._src.config import QuantConfig
 from jaxquant._src.encode import quantize_in_place, quantize_rows
 from jaxquant._src.kernels import platform, quantize_mgpu
@@ -31,10 +30,8 @@ def _check_dtype(x) -> None:
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def quantize_array(x: jax.Array, cfg: QuantConfig) -> QArray:
     """``quantize`` for a float ``x`` and a validated ``cfg`` (``QuantConfig.validated``), jitted."""
-    qt = codebooks.get_qtype(cfg.qtype)
     rest, length = blocked_shape(x.shape, cfg.axis)
     block_size = cfg.block_size or max(length, 1)
-
     xla_path = functools.partial(quantize_rows, cfg=cfg, block_size=block_size)
 
     def kernel_path(x):  # one pass on Hopper; blocks never straddle rows here
