@@ -83,7 +83,7 @@ def main():
                    help="tokens to score (a few thousand on CPU, tens of thousands on a GPU)")
     p.add_argument("--plot-only", action="store_true", help="redraw the plots from the saved JSON")
     p.add_argument("--text", metavar="FILE", help="score this UTF-8 text instead of Austen's Persuasion "
-                   "(fetched from the Debian package r-cran-janeaustenr with apt-get)")
+                   "(fetched by scripts/fetch_austen.sh)")
     args = p.parse_args()
     if args.plot_only:
         saved = json.loads((OUT / "dtypes_study.json").read_text())

