@@ -150,9 +150,10 @@ def save(path: str | os.PathLike, tree) -> None:
         mode = stat.S_IMODE(path.stat().st_mode)  # a plain open() keeps the replaced file's mode
     except FileNotFoundError:
         mode = None
-    tmp = _create_beside(path, mode)
+    tmp, mode = _create_beside(path, mode)
     try:
         safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors replaces the file it is given with a 0o600 one
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -171,8 +172,9 @@ def save(path: str | os.PathLike, tree) -> None:
         os.close(fd)
 
 
-def _create_beside(path: pathlib.Path, mode: int | None) -> pathlib.Path:
-    """A new empty file next to ``path``, created with 0o666 less the umask (``mkstemp`` gives 0o600)."""
+def _create_beside(path: pathlib.Path, mode: int | None) -> tuple[pathlib.Path, int]:
+    """A new empty file next to ``path`` and the mode to give it: ``mode``, or 0o666 less the
+    umask, read from the new file (``os.umask`` cannot be read without changing it)."""
     while True:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
@@ -180,11 +182,9 @@ def _create_beside(path: pathlib.Path, mode: int | None) -> pathlib.Path:
         except FileExistsError:
             continue
         try:
-            if mode is not None:
-                os.fchmod(fd, mode)
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode) if mode is None else mode
         finally:
             os.close(fd)
-        return tmp
 
 
 def _jax_or_numpy(a: np.ndarray):
