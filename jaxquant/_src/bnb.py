@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -34,12 +36,15 @@ def to_bnb(q: QArray, prefix: str = "weight") -> dict[str, np.ndarray]:
     validate(q)
     if q.qtype not in ("nf4", "fp4") or q.zero_point is not None:
         raise ValueError(f"to_bnb needs an nf4 or fp4 absmax QArray, got {q!r}")
+    if np.dtype(q.dtype).name not in _TORCH_DTYPES:
+        raise TypeError(f"to_bnb: bitsandbytes records the dtype as one of {sorted(_TORCH_DTYPES)}, "
+                        f"got {q!r}; quantize a float32, float16 or bfloat16 array")
     rest, length = blocked_shape(q.shape, q.axis)
     if q.axis is not None and (length % q.block_size or length % 2):
         raise ValueError(f"to_bnb needs the length of axis {q.axis} to be an even multiple of "
                          f"block_size for bitsandbytes' flat blocks, got shape={q.shape} "
                          f"block_size={q.block_size}; quantize with axis=None instead")
-    state = {"quant_type": q.qtype, "blocksize": q.block_size, "dtype": np.dtype(q.dtype).name,
+    state = {"quant_type": q.qtype, "blocksize": int(q.block_size), "dtype": np.dtype(q.dtype).name,
              "shape": list(q.shape) if q.axis is None else [*rest, length]}
     out = {prefix: np.asarray(q.codes).reshape(-1, 1),
            f"{prefix}.quant_map": codebooks.QTYPES[q.qtype].values.copy()}
@@ -48,7 +53,7 @@ def to_bnb(q: QArray, prefix: str = "weight") -> dict[str, np.ndarray]:
         out[f"{prefix}.absmax"] = np.asarray(nested.codes).reshape(-1)
         out[f"{prefix}.nested_absmax"] = np.asarray(nested.scale).reshape(-1)
         out[f"{prefix}.nested_quant_map"] = codebooks.DYNAMIC8_SIGNED.copy()
-        state |= {"nested_blocksize": nested.block_size, "nested_dtype": "float32",
+        state |= {"nested_blocksize": int(nested.block_size), "nested_dtype": "float32",
                   "nested_offset": float(np.asarray(nested.offset))}
     else:
         out[f"{prefix}.absmax"] = np.asarray(q.scale).reshape(-1)
@@ -57,9 +62,14 @@ def to_bnb(q: QArray, prefix: str = "weight") -> dict[str, np.ndarray]:
     return out
 
 
+def _count(v) -> bool:
+    """A JSON integer >= 0 (not a bool, a float or a string)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _entry(d: dict, key: str, dtype) -> np.ndarray:
     if key not in d:
-        raise ValueError(f"from_bnb: missing key {key!r}; present: {sorted(d)}")
+        raise ValueError(f"from_bnb: missing key {key!r}; present: {sorted(d, key=str)}")
     a = np.asarray(d[key])
     if a.dtype != np.dtype(dtype):
         raise ValueError(f"from_bnb: {key!r} must be {np.dtype(dtype).name}, got {a.dtype}")
@@ -79,26 +89,35 @@ def from_bnb(d: dict, prefix: str = "weight", *, transpose: bool = False) -> QAr
     Raises:
       ValueError: naming the key that is missing, has the wrong dtype, or disagrees with the JSON.
     """
-    states = [k for k in d if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+    if not isinstance(d, Mapping):
+        raise TypeError(f"from_bnb needs a dict of arrays, got {type(d).__name__}")
+    states = [k for k in d if isinstance(k, str) and k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
     if len(states) != 1:
         raise ValueError(f"from_bnb: expected one key '{prefix}.quant_state.bitsandbytes__nf4' or "
                          f"'__fp4', found {states}")
     key = states[0]
     try:
         state = json.loads(_entry(d, key, np.uint8).tobytes().decode())
-        qtype, block_size, shape = state["quant_type"], int(state["blocksize"]), tuple(state["shape"])
+        qtype, block_size, shape = state["quant_type"], state["blocksize"], state["shape"]
         dtype = np.dtype(_TORCH_DTYPES[state["dtype"]])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"from_bnb: {key!r} is not a valid quant_state JSON: {e!r}") from None
+    if not (_count(block_size) and block_size > 0 and isinstance(shape, list)
+            and all(_count(n) for n in shape) and _count(state.get("nested_blocksize", 1))
+            and state.get("nested_blocksize", 1) > 0):
+        raise ValueError(f"from_bnb: {key!r} needs a positive int blocksize (and nested_blocksize) and "
+                         f"a shape of non-negative ints, got blocksize={block_size!r}, shape={shape!r}, "
+                         f"nested_blocksize={state.get('nested_blocksize')!r}")
+    shape = tuple(shape)
     if qtype not in ("nf4", "fp4") or not key.endswith(qtype):
         raise ValueError(f"from_bnb: {key!r} says quant_type={qtype!r}")
     table = _entry(d, f"{prefix}.quant_map", np.float32)
     if not np.array_equal(table.reshape(-1), codebooks.QTYPES[qtype].values):
         raise ValueError(f"from_bnb: {prefix}.quant_map is not bitsandbytes' {qtype} table")
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     nb = -(-n // block_size)
     if prefix not in d:
-        raise ValueError(f"from_bnb: missing key {prefix!r}; present: {sorted(d)}")
+        raise ValueError(f"from_bnb: missing key {prefix!r}; present: {sorted(d, key=str)}")
     weight = np.asarray(d[prefix])
     if weight.dtype != np.uint8:  # quant_storage only reinterprets the same bytes
         weight = np.ascontiguousarray(weight).view(np.uint8)
@@ -113,14 +132,20 @@ def from_bnb(d: dict, prefix: str = "weight", *, transpose: bool = False) -> QAr
     if nested:
         nested_absmax = _entry(d, f"{prefix}.nested_absmax", np.float32).reshape(-1)
         nested_map = _entry(d, f"{prefix}.nested_quant_map", np.float32).reshape(-1)
-        nbs = int(state.get("nested_blocksize", 256))
+        nbs = state.get("nested_blocksize", 256)
         if not np.array_equal(nested_map, codebooks.DYNAMIC8_SIGNED):
             raise ValueError(f"from_bnb: {prefix}.nested_quant_map is not the signed dynamic map")
         if nested_absmax.size != -(-nb // nbs) or "nested_offset" not in state:
             raise ValueError(f"from_bnb: {prefix}.nested_absmax has {nested_absmax.size} entries "
                              f"(needs {-(-nb // nbs)}) or {key!r} lacks nested_offset")
+        offset = state["nested_offset"]
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not np.isfinite(offset):
+            raise ValueError(f"from_bnb: {key!r} needs a finite number nested_offset, got {offset!r}")
+        if state.get("nested_dtype", "float32") != "float32":
+            raise ValueError(f"from_bnb: {key!r} says nested_dtype={state['nested_dtype']!r}; "
+                             f"bitsandbytes' nested constants are float32")
         scale = QArray(jnp.asarray(absmax), jnp.asarray(nested_absmax), None,
-                       jnp.float32(state["nested_offset"]), shape=(nb,), dtype=np.dtype(np.float32),
+                       jnp.float32(offset), shape=(nb,), dtype=np.dtype(np.float32),
                        qtype="dynamic8", block_size=nbs, axis=None)
     else:
         scale = jnp.asarray(absmax)

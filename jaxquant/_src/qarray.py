@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -93,10 +94,22 @@ def _expect(cond: bool, message: str) -> None:
         raise ValueError(f"inconsistent QArray: {message}")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_array(a) -> bool:
+    return hasattr(a, "shape") and hasattr(a, "dtype")
+
+
 def validate(q: QArray) -> QArray:
     """Check ``q``'s leaves against its metadata (shapes and dtypes only, so tracers pass).
 
+    What it cannot see: a ``block_size`` or ``qtype`` changed to another value that gives the same
+    leaf shapes (e.g. nf4 <-> fp4, or block 64 -> 65 on a row of 4096, both 64 blocks).
+
     Raises:
+      TypeError: ``q`` is not a QArray.
       ValueError: naming the first leaf or field that breaks the invariant of ``QArray``.
     Returns:
       ``q`` unchanged.
@@ -104,9 +117,21 @@ def validate(q: QArray) -> QArray:
     if not isinstance(q, QArray):
         raise TypeError(f"expected a jaxquant.QArray, got {type(q).__name__}")
     qt = codebooks.get_qtype(q.qtype)
-    _expect(isinstance(q.block_size, int) and q.block_size > 0, f"block_size={q.block_size!r}")
-    _expect(jnp.issubdtype(q.dtype, jnp.floating), f"dtype={q.dtype!r} is not floating")
-    _expect(q.axis is None or 0 <= q.axis < len(q.shape), f"axis={q.axis} for shape={q.shape}")
+    _expect(isinstance(q.shape, tuple) and all(_is_int(d) and d >= 0 for d in q.shape),
+            f"shape={q.shape!r} is not a tuple of non-negative ints")
+    _expect(_is_int(q.block_size) and q.block_size > 0, f"block_size={q.block_size!r}")
+    try:
+        floating = jnp.issubdtype(np.dtype(q.dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    _expect(floating, f"dtype={q.dtype!r} is not floating")
+    _expect(q.axis is None or _is_int(q.axis) and 0 <= q.axis < len(q.shape),
+            f"axis={q.axis!r} for shape={q.shape}")
+    for field in ("codes", "scale"):
+        _expect(_is_array(getattr(q, field)), f"{field} is {type(getattr(q, field)).__name__}, not an array")
+    for field in ("zero_point", "offset"):
+        _expect(getattr(q, field) is None or _is_array(getattr(q, field)),
+                f"{field} is {type(getattr(q, field)).__name__}, not an array or None")
     rest, length = blocked_shape(q.shape, q.axis)
     row_codes = -(-length // 2) if qt.bits == 4 else length
     nb = -(-length // q.block_size)
@@ -115,8 +140,12 @@ def validate(q: QArray) -> QArray:
             f"for shape={q.shape} axis={q.axis} qtype={q.qtype}")
     if isinstance(q.scale, QArray):
         validate(q.scale)
-        _expect(q.scale.shape == (*rest, nb) and q.scale.offset is not None,
-                f"nested scale {q.scale!r}, expected shape {(*rest, nb)} with an offset")
+        # quantize's double quantization: flat dynamic8 blocks of float32 constants, one level deep
+        _expect(q.scale.shape == (*rest, nb) and q.scale.offset is not None
+                and q.scale.qtype == "dynamic8" and q.scale.axis is None and q.scale.zero_point is None
+                and not isinstance(q.scale.scale, QArray) and np.dtype(q.scale.dtype) == np.float32,
+                f"nested scale {q.scale!r}, expected a float32 dynamic8 QArray of shape {(*rest, nb)}, "
+                f"axis=None, with an offset")
     else:
         _expect(tuple(q.scale.shape) == (*rest, nb) and q.scale.dtype == jnp.float32,
                 f"scale {q.scale.dtype}{tuple(q.scale.shape)}, expected float32{(*rest, nb)}")

@@ -45,6 +45,16 @@ class Rule:
     zero_point: bool = False
     allow_partial_blocks: bool = False
 
+    def __post_init__(self):
+        if isinstance(self.pattern, re.Pattern):
+            return
+        if not isinstance(self.pattern, str):
+            raise TypeError(f"Rule pattern must be a regular expression string, got {self.pattern!r}")
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"Rule pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+
     def config(self, ndim: int) -> QuantConfig:
         return QuantConfig(self.qtype, self.block_size, self.axis, self.zero_point,
                            self.double_quant).validated(ndim)
@@ -67,6 +77,20 @@ class Policy:
     min_size: int = 4096
     predicate: Callable[[str, Any], bool] | None = None
     strict: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.rules, Rule) or not isinstance(self.rules, (tuple, list)):
+            raise TypeError(f"Policy rules must be a tuple of Rule, got {self.rules!r}; "
+                            f"write rules=(Rule(...),)")
+        bad = [r for r in self.rules if not isinstance(r, Rule)]
+        if bad:
+            raise TypeError(f"Policy rules must be Rule objects, got {bad[0]!r}")
+        object.__setattr__(self, "rules", tuple(self.rules))  # hashable, like the default
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, (int, np.integer)) \
+                or self.min_size < 0:
+            raise ValueError(f"Policy min_size must be an int >= 0, got {self.min_size!r}")
+        if self.predicate is not None and not callable(self.predicate):
+            raise TypeError(f"Policy predicate must be callable or None, got {self.predicate!r}")
 
 
 class PolicyError(ValueError):
@@ -197,12 +221,20 @@ def dequantize_tree(tree):
 def memory_report(params, qparams, with_error: bool = False) -> list[dict]:
     """One row per parameter: path, shape, qtype, bytes before and after, bits per parameter,
     and with ``with_error`` the relative RMS weight error of the quantized ones."""
-    before = dict((path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0])
-    after = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=lambda x: isinstance(x, QArray))[0]
+    is_q = lambda x: isinstance(x, QArray)
+    before = dict((path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params, is_q)[0])
+    after = jax.tree_util.tree_flatten_with_path(qparams, is_q)[0]
+    names = [path_str(p) for p, _ in after]
+    if set(names) != set(before):
+        raise ValueError(f"memory_report needs two trees with the same paths: only in params "
+                         f"{sorted(set(before) - set(names))[:3]}, only in qparams "
+                         f"{sorted(set(names) - set(before))[:3]}")
     rows = []
-    for path, leaf in after:
-        name = path_str(path)
+    for name, (_, leaf) in zip(names, after):
         orig = before[name]
+        if tuple(orig.shape) != tuple(leaf.shape):
+            raise ValueError(f"memory_report: {name!r} has shape {tuple(orig.shape)} in params but "
+                             f"{tuple(leaf.shape)} in qparams")
         row = dict(path=name, shape=tuple(orig.shape), qtype=leaf.qtype if isinstance(leaf, QArray) else None,
                    bytes_before=nbytes(orig), bytes_after=nbytes(leaf))
         row["bits_per_param"] = 8 * row["bytes_after"] / max(math.prod(orig.shape), 1)
