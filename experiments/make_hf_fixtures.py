@@ -14,7 +14,8 @@ heads, SwiGLU 256, vocab 256, untied LM head, seed 0):
 and in each folder ``reference.npz``: ``tokens`` (2, 8) int32, transformers' ``logits`` (float32)
 of the model as it was saved (bf16 compute), and for every quantized linear
 ``sha256/<module>``: the sha256 of bitsandbytes' own dequantized weight (float32, (out, in),
-C order), and that weight itself for ``FULL``. ``meta.json`` records the versions and the device.
+C order, zeros made +0), and that weight itself for ``FULL``. Both are taken from the checkpoint
+as transformers loads it back, before any forward pass. ``meta.json`` records the versions and the device.
 Everything is small (under 2 MB in all).
 """
 
@@ -64,15 +65,18 @@ def bnb_dequant(module) -> np.ndarray:
 
 def reference(model, tokens, device) -> dict[str, np.ndarray]:
     import bitsandbytes as bnb
-    with torch.no_grad():
-        logits = model(torch.as_tensor(tokens, device=device)).logits.float().cpu().numpy()
-    out = {"tokens": tokens, "logits": logits}
+    out = {"tokens": tokens}
+    # before the forward: bitsandbytes' CPU backend repacks 4-bit weights in place on first use
     for name, module in model.named_modules():
         if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-            w = np.ascontiguousarray(bnb_dequant(module), np.float32)
+            # + 0.0 turns -0.0 into +0.0: bitsandbytes' CPU dequantize gives +0 for FP4's code 8
+            # (-0), jaxquant -0; the sign of a zero weight changes no product that matters
+            w = np.ascontiguousarray(bnb_dequant(module) + np.float32(0), np.float32)
             out[f"sha256/{name}"] = np.array(hashlib.sha256(w.tobytes()).hexdigest())
             if name == FULL:
                 out[f"dequant/{name}"] = w
+    with torch.no_grad():
+        out["logits"] = model(torch.as_tensor(tokens, device=device)).logits.float().cpu().numpy()
     return out
 
 
@@ -96,17 +100,27 @@ def main(argv=None) -> int:
     # max_shard_size: the float checkpoint is sharded as transformers shards a large model
     model.save_pretrained(out / "float", max_shard_size="300KB")
     (out / "float" / "generation_config.json").unlink(missing_ok=True)  # not read; keeps it small
-    model = model.to(args.device)
-    np.savez_compressed(out / "float" / "reference.npz", **reference(model, tokens, args.device))
     del model
-
-    for name, kwargs in VARIANTS.items():
+    for name, kwargs in [("float", None), *VARIANTS.items()]:
+        if kwargs is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                out / name, dtype=torch.bfloat16, device_map={"": args.device},
+                attn_implementation="eager").eval()
+            np.savez_compressed(out / name / "reference.npz", **reference(model, tokens, args.device))
+            del model
+            continue
         config = BitsAndBytesConfig(**kwargs, bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(
             out / "float", quantization_config=config, dtype=torch.bfloat16,
             device_map={"": args.device}, attn_implementation="eager").eval()
         model.save_pretrained(out / name)
         (out / name / "generation_config.json").unlink(missing_ok=True)
+        del model
+        # the reference is the checkpoint as transformers loads it back: on the CPU, bitsandbytes
+        # keeps freshly quantized 4-bit weights in memory in a repacked layout of its own
+        model = AutoModelForCausalLM.from_pretrained(
+            out / name, dtype=torch.bfloat16, device_map={"": args.device},
+            attn_implementation="eager").eval()
         np.savez_compressed(out / name / "reference.npz", **reference(model, tokens, args.device))
         del model
 
