@@ -160,8 +160,8 @@ def _read_bnb8(ckpt: _Checkpoint, module: str, shape: tuple, dtype) -> jq.QArray
         raise jq.CheckpointError(f"{file}: {module}.SCB is {scb.dtype}{list(scb.shape)}, needs "
                                  f"float32[{shape[0]}]")
     fmt = f"{module}.weight_format"
-    if fmt in ckpt.where and int(ckpt.get(fmt)) != 0:
-        raise NotImplementedError(f"{file}: {fmt} = {int(ckpt.get(fmt))}; only the row-major "
+    if fmt in ckpt.where and np.asarray(ckpt.get(fmt)).reshape(-1).tolist() != [0]:
+        raise NotImplementedError(f"{file}: {fmt} = {ckpt.get(fmt)}; only the row-major "
                                   f"format (0) is supported")
     scale = (scb / INV127).reshape(-1, 1)  # float32(SCB / 127), correctly rounded
     return jq.validate(jq.QArray(jnp.asarray(weight.view(np.uint8)), jnp.asarray(scale), shape=shape[::-1],
@@ -257,3 +257,123 @@ def _read(ckpt: _Checkpoint, config, quant: str | None, dtype, policy) -> dict:
             leaf = w
         _set(params, ppath, leaf)
     return {"params": params}
+
+
+def _bnb8_entries(q: jq.QArray, module: str) -> dict[str, np.ndarray]:
+    """LLM.int8 entries of an int8 kernel with one block per output row (``_read_bnb8``'s inverse)."""
+    scale = np.asarray(q.scale, np.float32).reshape(-1)
+    # The SCB whose float32(SCB / 127) is this scale: float32 division by 127 is one-to-one, so
+    # for a QArray that _read_bnb8 made exactly one of these neighbours of scale * 127 is it.
+    near = [scale * INV127]
+    for direction in (np.inf, -np.inf):
+        near += [np.nextafter(near[0], np.float32(direction))]
+        near += [np.nextafter(near[-1], np.float32(direction))]
+    scb = near[0]
+    for cand in near[::-1]:
+        scb = np.where(cand / INV127 == scale, cand, scb)
+    codes = np.asarray(q.codes).view(np.int8)
+    return {f"{module}.weight": codes, f"{module}.SCB": scb.astype(np.float32),
+            f"{module}.weight_format": np.array(0, np.uint8)}
+
+
+def _entries(module: str, kind: str, leaf, dtype) -> tuple[str | None, dict[str, np.ndarray]]:
+    """(the bitsandbytes format of ``leaf`` or None for float, its checkpoint entries)."""
+    if not isinstance(leaf, jq.QArray):
+        w = np.asarray(jnp.asarray(leaf, dtype))
+        return None, {f"{module}.weight": np.ascontiguousarray(w.T) if kind == "linear" else w}
+    where = f"{module} ({leaf!r})"
+    if kind != "linear" or leaf.ndim != 2 or leaf.axis != 0 or leaf.zero_point is not None:
+        raise NotImplementedError(f"hf.save: {where}: transformers + bitsandbytes store only linear "
+                                  f"kernels quantized along their input axis (axis=0), without zero "
+                                  f"point; dequantize this one first")
+    if leaf.qtype in ("nf4", "fp4"):
+        entries = jq.to_bnb(leaf, f"{module}.weight")
+        # + 0.0: bitsandbytes' own FP4 quant_map holds +0.0 at code 8, where jaxquant's table has -0.0
+        entries[f"{module}.weight.quant_map"] = entries[f"{module}.weight.quant_map"] + np.float32(0)
+        return f"bnb4:{leaf.qtype}:{leaf.double_quant}", entries
+    if leaf.qtype == "int8" and leaf.block_size == leaf.shape[0] and not leaf.double_quant:
+        return "bnb8", _bnb8_entries(leaf, module)
+    raise NotImplementedError(f"hf.save: {where}: bitsandbytes has nf4/fp4 with any block size and "
+                              f"int8 with one block per output row (block_size=None); not this one")
+
+
+def save(path: str | os.PathLike, model: llama.Llama, params, *, max_shard_size: int = 5 * 10**9) -> None:
+    """Write ``params`` of ``model`` as a Hugging Face checkpoint folder that transformers (with
+    bitsandbytes for quantized kernels) loads with ``from_pretrained``.
+
+    nf4/fp4 kernels (axis 0, any block size, with or without double quantization) are written as
+    bitsandbytes 4-bit linears, int8 kernels with one block per output row as LLM.int8 ones; all
+    quantized kernels must share one format (config.json has one ``quantization_config``), and
+    float kernels are listed in ``llm_int8_skip_modules``. Files above ``max_shard_size`` bytes
+    are split into shards with ``model.safetensors.index.json``, a module's entries kept together.
+    The folder's files are replaced together at the end, so a failed save leaves no partial files.
+
+    Raises:
+      NotImplementedError: a QArray that bitsandbytes cannot hold, or mixed quantized formats.
+
+    Example:
+      >>> model, params = hf.load("tests/data/hf_tiny/nf4_dq")
+      >>> hf.save(tempfile.mkdtemp(), model, params)
+    """
+    path = pathlib.Path(path)
+    config, dtype = model.config, np.dtype(model.dtype)
+    tree = params["params"] if "params" in params else params
+    groups, formats, float_linears = [], {}, []
+    for module, (ppath, kind, _) in _modules(config).items():
+        leaf = tree
+        for part in ppath:
+            leaf = leaf[part]
+        fmt, entries = _entries(module, kind, leaf, dtype)
+        if fmt is not None:
+            formats.setdefault(fmt, module)
+        elif kind == "linear":
+            float_linears.append(module)
+        groups.append(entries)
+    if len(formats) > 1:
+        raise NotImplementedError(f"hf.save: one quantization_config holds one format; these modules "
+                                  f"differ: {formats}")
+    quant = None
+    if formats:
+        fmt = next(iter(formats))
+        # None: transformers' default, which keeps (only) lm_head in float
+        default = [] if config.tie_embeddings else ["lm_head"]
+        skip = None if float_linears == default else float_linears
+        if fmt == "bnb8":
+            quant = hf_config.quantization_config("bnb8", compute_dtype=dtype.name, skip=skip)
+        else:
+            _, qtype, dq = fmt.split(":")
+            quant = hf_config.quantization_config("bnb4", qtype=qtype, double_quant=dq == "True",
+                                                  compute_dtype=dtype.name, skip=skip)
+    shards, size = [[]], 0
+    for entries in groups:
+        nbytes = sum(a.nbytes for a in entries.values())
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entries)
+        size += nbytes
+    _write(path, config_to_hf(config, dtype, quant), shards)
+
+
+def _write(path: pathlib.Path, config: dict, shards: list[list[dict]]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".hf-save-", dir=path))
+    try:
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map, total = {}, 0
+        for name, shard in zip(names, shards):
+            tensors = {k: np.asarray(v, order="C") for entries in shard for k, v in entries.items()}
+            safetensors.numpy.save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            weight_map |= {k: name for k in tensors}
+            total += sum(v.nbytes for v in tensors.values())
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for old in ["model.safetensors", "model.safetensors.index.json", *path.glob("model-*-of-*.safetensors")]:
+            (path / old).unlink(missing_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, path / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
