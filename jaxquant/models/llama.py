@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         scale = scale.reshape((1,) * (x.ndim - 1) + (-1,))
-        return (scale * y.astype(x.dtype)).astype(x.dtype)
+        return scale.astype(x.dtype) * y.astype(x.dtype)  # params may be float32 (init) under bf16
 
 
 def rope(x, positions, theta: float):
