@@ -224,3 +224,21 @@ def test_unsupported_models_and_methods(tmp_path):
     with pytest.raises(NotImplementedError, match="int4"):
         hf.save(tmp_path / "out", model, qparams)
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_cli_hf(tmp_path, capsys):
+    """``python -m jaxquant --hf PATH``: a float checkpoint is quantized by the policy, a 4-bit one
+    used as stored (its dequantization is the float reference); bad input exits 2 naming it."""
+    from jaxquant import cli
+    args = cli.build_parser().parse_args(["--hf", str(DATA / "float"), "--no-progress"])
+    is_q = lambda x: isinstance(x, jq.QArray)
+    name, config, tok, params, qparams = cli._load_hf(args, cli._policy(args))
+    assert config.layers == 2 and not config.tie_embeddings and tok.encode("ab").ids == [97, 98]
+    assert not any(map(is_q, jax.tree.leaves(params, is_leaf=is_q)))
+    assert sum(map(is_q, jax.tree.leaves(qparams, is_leaf=is_q))) == 15
+    args.hf = str(DATA / "fp4")
+    _, _, _, params, qparams = cli._load_hf(args, cli._policy(args))
+    kernel = qparams["params"]["layers_1"]["mlp"]["down_proj"]["kernel"]
+    assert kernel.qtype == "fp4" and params["params"]["layers_1"]["mlp"]["down_proj"]["kernel"].dtype == jnp.bfloat16
+    assert cli.main(["--hf", str(tmp_path), "--no-progress"]) == 2
+    assert f"{tmp_path}/config.json: missing" in capsys.readouterr().err
