@@ -35,7 +35,7 @@ import safetensors
 import safetensors.numpy
 
 import jaxquant as jq
-from jaxquant._src.tree import path_str, plan
+from jaxquant._src.tree import plan
 from jaxquant.models import hf_config, llama
 from jaxquant.models.hf_config import SUPPORTED, config_from_hf, config_to_hf  # noqa: F401
 
@@ -192,6 +192,7 @@ def load(path: str | os.PathLike, *, dtype=None, policy: jq.Policy | None = None
         key, a shape that disagrees with config.json, a truncated or corrupt safetensors file.
 
     Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
       >>> from jaxquant.models import hf
       >>> model, params = hf.load("tests/data/hf_tiny/nf4_dq")
       >>> logits = jq.flax.apply(model, params, jnp.zeros((1, 4), jnp.int32))
@@ -312,6 +313,8 @@ def save(path: str | os.PathLike, model: llama.Llama, params, *, max_shard_size:
       NotImplementedError: a QArray that bitsandbytes cannot hold, or mixed quantized formats.
 
     Example:
+      >>> import tempfile
+      >>> from jaxquant.models import hf
       >>> model, params = hf.load("tests/data/hf_tiny/nf4_dq")
       >>> hf.save(tempfile.mkdtemp(), model, params)
     """
