@@ -124,6 +124,8 @@ def test_policy_on_load_quantizes_as_bitsandbytes_did(loaded, variant, rule):
     the same weights (which transformers did on the CPU, meta.json): the same bytes, except the
     nested 8-bit codes, where bitsandbytes' CPU build takes a coarse table lookup instead of the
     nearest code (REFERENCE.md) in a few of the 3584 constants."""
+    if json.loads((DATA / "meta.json").read_text())["device"] != "cpu":
+        pytest.skip("bitsandbytes' CUDA FP4 thresholds differ from its CPU ones (REFERENCE.md)")
     _, ours = hf.load(DATA / "float", policy=jq.Policy((jq.Rule("lm_head", None), rule), min_size=0))
     _, theirs = loaded[variant]
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
