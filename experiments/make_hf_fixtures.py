@@ -101,28 +101,21 @@ def main(argv=None) -> int:
     model.save_pretrained(out / "float", max_shard_size="300KB")
     (out / "float" / "generation_config.json").unlink(missing_ok=True)  # not read; keeps it small
     del model
-    for name, kwargs in [("float", None), *VARIANTS.items()]:
-        if kwargs is None:
-            model = AutoModelForCausalLM.from_pretrained(
-                out / name, dtype=torch.bfloat16, device_map={"": args.device},
-                attn_implementation="eager").eval()
-            np.savez_compressed(out / name / "reference.npz", **reference(model, tokens, args.device))
-            del model
-            continue
-        config = BitsAndBytesConfig(**kwargs, bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(
-            out / "float", quantization_config=config, dtype=torch.bfloat16,
-            device_map={"": args.device}, attn_implementation="eager").eval()
+
+    def load(folder, **kwargs):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": args.device},
+                                                    attn_implementation="eager", **kwargs).eval()
+
+    for name, kwargs in VARIANTS.items():
+        model = load(out / "float", quantization_config=BitsAndBytesConfig(
+            **kwargs, bnb_4bit_compute_dtype=torch.bfloat16))
         model.save_pretrained(out / name)
         (out / name / "generation_config.json").unlink(missing_ok=True)
         del model
-        # the reference is the checkpoint as transformers loads it back: on the CPU, bitsandbytes
+    for name in ("float", *VARIANTS):
+        # the reference is each checkpoint as transformers loads it back: on the CPU, bitsandbytes
         # keeps freshly quantized 4-bit weights in memory in a repacked layout of its own
-        model = AutoModelForCausalLM.from_pretrained(
-            out / name, dtype=torch.bfloat16, device_map={"": args.device},
-            attn_implementation="eager").eval()
-        np.savez_compressed(out / name / "reference.npz", **reference(model, tokens, args.device))
-        del model
+        np.savez_compressed(out / name / "reference.npz", **reference(load(out / name), tokens, args.device))
 
     meta = dict(device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
                 torch=torch.__version__, transformers=transformers.__version__,
