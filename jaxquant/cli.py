@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-dtypes", metavar="LIST",
                    help="instead, compare weight error and size of data types on every matrix, e.g. "
                         "nf4+dq,nf4,fp4,int4,int4+zp,int8 (+dq: double quant, +zp: affine)")
+    p.add_argument("--hf", metavar="PATH", help="run the report on this Hugging Face LlamaForCausalLM checkpoint "
+                   "folder instead of SmolLM2 (float: quantized by the policy; bitsandbytes 4/8-bit: as "
+                   "stored, against its own dequantization); its tokenizer.json if present, else UTF-8 bytes")
     p.add_argument("--report", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -177,6 +180,41 @@ def compare_dtypes(args) -> int:
     return 0
 
 
+class _ByteTokenizer:
+    """UTF-8 bytes as token ids, for a checkpoint that comes without tokenizer.json."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str):
+        return argparse.Namespace(ids=[b % self.vocab_size for b in text.encode()])
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", "replace")
+
+
+def _load_hf(args, policy):
+    """(name, config, tokenizer, float params, quantized params) of the ``--hf`` checkpoint. A
+    checkpoint stored quantized is used as stored, with its dequantization as the float reference."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxquant as jq
+    from jaxquant.models import hf
+
+    model, loaded = hf.load(args.hf, dtype=jnp.bfloat16)
+    file = pathlib.Path(args.hf) / "tokenizer.json"
+    if file.exists():
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(file))
+    else:
+        print(f"{args.hf} has no tokenizer.json: the prompts go in as UTF-8 bytes")
+        tok = _ByteTokenizer(model.config.vocab_size)
+    if any(isinstance(x, jq.QArray) for x in jax.tree.leaves(loaded, is_leaf=lambda x: isinstance(x, jq.QArray))):
+        return args.hf, model.config, tok, jq.dequantize_tree(loaded), loaded
+    return args.hf, model.config, tok, loaded, jq.quantize_tree(loaded, policy, progress=not args.no_progress)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if (problem := _check_outputs(args)) is not None:
@@ -202,16 +240,23 @@ def main(argv=None) -> int:
     from jaxquant.models import llama, smollm2
 
     start = time.perf_counter()
-    try:
-        config, weights = smollm2.load(num_layers=args.layers, progress=not args.no_progress)
-    except smollm2.ModelNotInstalledError as e:
-        return _fail(str(e))
-    tok = llama.tokenizer()
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), llama.params_from_weights(weights))
+    name = "SmolLM2-135M-Instruct"
+    if args.hf:
+        try:
+            name, config, tok, params, qparams = _load_hf(args, policy)
+        except (OSError, ValueError, NotImplementedError) as e:
+            return _fail(str(e))
+    else:
+        try:
+            config, weights = smollm2.load(num_layers=args.layers, progress=not args.no_progress)
+        except smollm2.ModelNotInstalledError as e:
+            return _fail(str(e))
+        tok = llama.tokenizer()
+        params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), llama.params_from_weights(weights))
     print(f"jaxquant {jq.__version__} on {jax.devices()[0].platform}, JAX {jax.__version__}: "
-          f"SmolLM2-135M-Instruct, {config.layers} layers, loaded in {time.perf_counter() - start:.1f} s")
+          f"{name}, {config.layers} layers, loaded in {time.perf_counter() - start:.1f} s")
     try:
-        qparams = jq.quantize_tree(params, policy, progress=not args.no_progress)
+        qparams = qparams if args.hf else jq.quantize_tree(params, policy, progress=not args.no_progress)
     except ValueError as e:
         return _fail(str(e))
     is_q = lambda x: isinstance(x, jq.QArray)
@@ -238,7 +283,7 @@ def main(argv=None) -> int:
     kl = float(np.mean(np.concatenate(kls)))
     print(f"\naccuracy on {len(PROMPTS)} built-in prompts ({count} positions): KL(float || quantized) = "
           f"{kl:.4f} nats/token, top-1 agreement {100 * agree / count:.1f}%")
-    report = dict(model="SmolLM2-135M-Instruct", layers=config.layers, device=jax.devices()[0].device_kind,
+    report = dict(model=name, layers=config.layers, device=jax.devices()[0].device_kind,
                   jax=jax.__version__, policy=[r.__dict__ for r in policy.rules], memory=rows,
                   bits_per_param=rows[-1]["bits_per_param"], bytes_float=rows[-1]["bytes_float"],
                   bytes_quantized=rows[-1]["bytes_quantized"], kl_divergence=kl, top1_agreement=agree / count)

@@ -1,9 +1,10 @@
-"""A Flax Linen Llama-architecture decoder (SmolLM2-135M's), for real-model experiments.
+"""A Flax Linen Llama-architecture decoder (SmolLM2-135M's, Llama 2/3's), for real-model work.
 
 Plain Linen layers (``nn.Dense``, ``nn.Embed``), so ``jaxquant.flax.apply`` runs it quantized
 without edits. RMSNorm in float32, RoPE in the rotate-half layout, grouped-query attention,
-SwiGLU MLP, tied input/output embedding. ``tokenizer`` builds SmolLM2's byte-level BPE from the
-GGUF's vocab and merges.
+SwiGLU MLP; the LM head is the input embedding (``config.tie_embeddings``) or its own Dense
+``lm_head``. ``tokenizer`` builds SmolLM2's byte-level BPE from the GGUF's vocab and merges;
+``jaxquant.models.hf`` reads and writes Hugging Face checkpoints of this model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         scale = scale.reshape((1,) * (x.ndim - 1) + (-1,))
-        return (scale * y.astype(x.dtype)).astype(x.dtype)
+        return scale.astype(x.dtype) * y.astype(x.dtype)  # params may be float32 (init) under bf16
 
 
 def rope(x, positions, theta: float):
@@ -118,7 +119,12 @@ class Llama(nn.Module):
             x, layer_cache = Block(c, self.dtype, name=f"layers_{i}")(
                 x, positions, None if cache is None else cache[i])
             new_cache.append(layer_cache)
-        logits = embed.attend(RMSNorm(c.rms_eps, name="norm")(x)).astype(jnp.float32)
+        x = RMSNorm(c.rms_eps, name="norm")(x)
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(x)
+        logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)
 
 
