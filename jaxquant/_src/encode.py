@@ -84,7 +84,11 @@ def code_by_cells(scaled: jax.Array, qt: codebooks.QType) -> jax.Array:
 def _scale_by_reciprocal(blocks: jax.Array, absmax: jax.Array, length: int, block_size: int, axis=-1):
     """``clip(x * (1 / absmax), -1, 1)``; a partial last block divides (bitsandbytes' default path;
     only the rows layout, ``axis=-1``, has one)."""
-    safe = jnp.expand_dims(_floor(absmax), axis)
+    # Above 2^126, 1 / absmax is subnormal and XLA:CPU flushes it to 0: such blocks (and only
+    # they) are scaled down by 2^-64 first, which is exact and leaves x / absmax unchanged.
+    shrink = jnp.where(absmax > np.float32(2.0**100), np.float32(2.0**-64), np.float32(1))
+    safe = jnp.expand_dims(_floor(absmax * shrink), axis)
+    blocks = blocks * jnp.expand_dims(shrink, axis)
     scaled = blocks * division.divide(1, safe)
     if length % block_size:
         scaled = scaled.at[..., -1, :].set(division.divide(blocks[..., -1, :], safe[..., -1, :]))
@@ -107,10 +111,31 @@ def _floor(constant: jax.Array) -> jax.Array:
     return jnp.maximum(constant, np.float32(np.finfo(np.float32).tiny))
 
 
+def nonfinite_marker(blocks: jax.Array, axis: int) -> jax.Array:
+    """0 for a block of finite values, NaN for a block holding NaN or Inf.
+
+    Added to a block's max/min so that a NaN can never turn into an ordinary constant: XLA:CPU's
+    vectorized max/min reductions drop NaN once the reduced array has 64 rows or more (JAX 0.11.2:
+    ``jnp.max`` of a (64, 64) array holding one NaN is finite), and a GPU's ``max`` returns the
+    non-NaN operand. A sum propagates NaN on every backend; ``x * 0`` is NaN exactly for NaN/Inf.
+    """
+    return (blocks * np.float32(0)).sum(axis)
+
+
+def _normal_scale(span: jax.Array, step: np.float32) -> jax.Array:
+    """``span * step``, a nonzero result raised to the smallest normal float32: XLA:CPU flushes
+    subnormals, so a block whose scale would be subnormal (int8: absmax below ~1.5e-36) would
+    dequantize to zeros. Such a block has an absolute error of at most half that normal (5.9e-39).
+    """
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    return jnp.where(span == 0, span * step, jnp.maximum(span * step, tiny))
+
+
 def _block_absmax(blocks: jax.Array, axis: int):
     """(the absmax that scales the codes, the stored constant: NaN for a non-finite block)."""
     if axis != -1:  # the in-place path, never on the CPU: one reduction
-        absmax = stored = jnp.abs(blocks).max(axis)
+        absmax = jnp.abs(blocks).max(axis)
+        stored = absmax + nonfinite_marker(blocks, axis)
     else:
         # max(max, -min) rather than max(abs): XLA CPU materializes abs(x) (10x slower on large x)
         absmax = jnp.maximum(blocks.max(-1), -blocks.min(-1))
@@ -119,7 +144,7 @@ def _block_absmax(blocks: jax.Array, axis: int):
         # reduction made XLA CPU emit one multi-output fusion 1.7x slower (205 vs 120 ms on
         # 4096x14336). On GPU the barrier would materialize a float32 copy of the input.
         apart = jax.lax.platform_dependent(blocks, cpu=jax.lax.optimization_barrier, default=lambda b: b)
-        stored = jnp.maximum(apart.max(-1), -apart.min(-1))
+        stored = jnp.maximum(apart.max(-1), -apart.min(-1)) + nonfinite_marker(apart, -1)
     return absmax, jnp.where(jnp.isfinite(stored), stored, jnp.nan)
 
 
@@ -129,10 +154,14 @@ def quantize_blocks(blocks: jax.Array, length: int, block_size: int, cfg: QuantC
     qt = codebooks.get_qtype(cfg.qtype)
     per_block = functools.partial(jnp.expand_dims, axis=axis)  # a block constant, broadcast
     if cfg.zero_point:
-        lo = jnp.minimum(blocks.min(axis), 0)
-        hi = jnp.maximum(blocks.max(axis), 0)
-        scale = (hi - lo) * _reciprocal_constant(2**qt.bits - 1)
+        marker = nonfinite_marker(blocks, axis)
+        lo = jnp.minimum(blocks.min(axis), 0) + marker
+        hi = jnp.maximum(blocks.max(axis), 0) + marker
+        step = _reciprocal_constant(2**qt.bits - 1)
         bad = ~(jnp.isfinite(lo) & jnp.isfinite(hi))
+        scale = _normal_scale(hi - lo, step)
+        # a block spanning more than float32's range: hi - lo overflows, hi/255 - lo/255 does not
+        scale = jnp.where(jnp.isinf(scale) & ~bad, hi * step - lo * step, scale)
         inv = division.divide(1, _floor(scale))
         zero_point = qt.qmin - jnp.round(lo * inv)
         zero_point = jnp.clip(jnp.where(bad, 0, zero_point), qt.qmin, qt.qmax)
@@ -141,9 +170,10 @@ def quantize_blocks(blocks: jax.Array, length: int, block_size: int, cfg: QuantC
         return code.astype(jnp.int32), scale, zero_point.astype(jnp.int8)
     absmax, stored = _block_absmax(blocks, axis)
     if qt.is_integer:
-        scale = absmax * _reciprocal_constant(qt.qmax)
+        step = _reciprocal_constant(qt.qmax)
+        scale = _normal_scale(absmax, step)
         code = jnp.clip(jnp.round(blocks * per_block(division.divide(1, _floor(scale)))), -qt.qmax, qt.qmax)
-        return code.astype(jnp.int32), stored * _reciprocal_constant(qt.qmax), None
+        return code.astype(jnp.int32), _normal_scale(stored, step), None
     return nearest_code(_scale_by_reciprocal(blocks, absmax, length, block_size, axis), qt), stored, None
 
 

@@ -17,7 +17,11 @@ def quantize_nested(constants: jax.Array, block_size: int) -> QArray:
     The result is a QArray of ``constants``' shape with the mean as its ``offset``; ``dequantize``
     adds it back after the scale (``dequantize.block_scale``).
     """
-    offset = constants.mean() if constants.size else jnp.float32(0)
+    # The mean of the finite constants: a NaN constant (a block that held NaN/Inf under jit)
+    # then spoils only its own nested block of ``block_size`` constants, not every block.
+    finite = jnp.isfinite(constants)
+    total = jnp.where(finite, constants, 0).sum()
+    offset = total / jnp.maximum(finite.sum(), 1).astype(jnp.float32) if constants.size else jnp.float32(0)
     centered = constants - offset
     codes, scale, _ = quantize_rows(centered, QuantConfig("dynamic8", block_size, None), block_size)
     return QArray(codes, scale, None, offset.astype(jnp.float32), shape=tuple(centered.shape),

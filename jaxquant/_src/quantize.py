@@ -59,7 +59,8 @@ def _nonfinite_report(x: jax.Array) -> str:
     where = [tuple(int(i) for i in idx) for idx in np.argwhere(bad)[:5]]
     return (f"quantize got {int(bad.sum())} non-finite value(s) (NaN or Inf) of {bad.size}, first at "
             f"index {where}; clean the input or pass check_finite=False (under jit the constant of a "
-            f"block holding one becomes NaN and the block dequantizes to NaN)")
+            f"block holding one becomes NaN and the block dequantizes to NaN; with double "
+            f"quantization, so do the blocks sharing its nested block of constants)")
 
 
 def quantize(x, qtype: str = "nf4", block_size: int | None = 64, axis: int | None = None,
@@ -79,7 +80,8 @@ def quantize(x, qtype: str = "nf4", block_size: int | None = 64, axis: int | Non
         ``nested_block_size``) as QLoRA does (arXiv 2305.14314).
       zero_point: affine quantization (int4/int8 only): ``x ≈ (code - zero_point) * scale``.
       check_finite: raise on NaN/Inf in a concrete ``x`` (costs one host sync). Under ``jax.jit``
-        nothing is raised: such a block's constant becomes NaN and it dequantizes to NaN.
+        nothing is raised: such a block's constant becomes NaN and it dequantizes to NaN (with
+        double quantization, every block of its nested block of ``nested_block_size`` constants).
 
     Returns:
       A ``QArray``; ``dequantize`` undoes it (see ``QArray`` for the invariant).
@@ -105,7 +107,7 @@ def quantize(x, qtype: str = "nf4", block_size: int | None = 64, axis: int | Non
     cfg = cfg.validated(x.ndim)
     q = quantize_array(x, cfg)
     if check_finite and not isinstance(x, jax.core.Tracer):
-        constants = q.scale.offset if q.double_quant else q.scale
+        constants = q.scale.scale if q.double_quant else q.scale  # NaN where a block is not finite
         if not bool(jnp.isfinite(constants).all()):
             raise ValueError(_nonfinite_report(x))
     return q
