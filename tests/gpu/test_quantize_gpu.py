@@ -73,16 +73,18 @@ def test_gpu_quantize_is_bit_exact_with_the_cpu(qtype, zero_point, axis, cpu, gp
 
 def test_the_bf16_shapes_take_the_quantize_kernel_for_nf4(monkeypatch):
     """(Runs anywhere: lowered for CUDA.) The bf16 shapes along None and -1 take the Hopper
-    kernel, the others XLA: the GPU test covers both."""
+    kernel, the one along 0 XLA's in-place blocks (the kernel takes bf16 only): the GPU test
+    covers both."""
     monkeypatch.setattr(platform, "hopper_present", lambda: True)
     jax.clear_caches()  # drop traces made without a Hopper GPU
     try:
         for axis, cases in SHAPES.items():
-            for shape, dtype, block, dq in cases:
-                quantize = jax.jit(lambda x: jq.quantize(x, "nf4", block, axis, dq))
-                text = quantize.trace(jax.ShapeDtypeStruct(shape, dtype)).lower(
-                    lowering_platforms=("cuda",)).as_text()
-                assert ("mosaic_gpu" in text) == (dtype == jnp.bfloat16 and axis != 0), (shape, axis)
+            shape, dtype, block, dq = cases[0]
+            assert dtype == jnp.bfloat16 and all(c[1] != jnp.bfloat16 for c in cases[1:])
+            quantize = jax.jit(lambda x: jq.quantize(x, "nf4", block, axis, dq))
+            text = quantize.trace(jax.ShapeDtypeStruct(shape, dtype)).lower(
+                lowering_platforms=("cuda",)).as_text()
+            assert ("mosaic_gpu" in text) == (axis != 0), (shape, axis)
     finally:
         jax.clear_caches()
 
