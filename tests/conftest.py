@@ -1,4 +1,5 @@
-"""Strict numerics for every test: no silent dtype or rank promotion (STYLE.md §8)."""
+"""Strict numerics for every test: no silent dtype or rank promotion (STYLE.md §8). Tests marked
+``gpu`` (tests/gpu/) skip unless this process has a Hopper (sm90) GPU."""
 
 import os
 
@@ -18,6 +19,15 @@ hypothesis.settings.load_profile("ci")
 
 # Float tolerances by dtype (relative to the scale of the values compared).
 TOLERANCE = {np.dtype("float32"): 1e-6, np.dtype(jax.numpy.bfloat16): 1e-2, np.dtype("float16"): 1e-3}
+
+
+def pytest_collection_modifyitems(config, items):
+    from jaxquant._src.kernels import platform
+
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu and not platform.hopper_present():
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a Hopper (sm90) GPU"))
 
 
 @pytest.fixture
