@@ -222,11 +222,10 @@ def decode_from_table(codes_ref, row_bytes: int, scales, dtype, table, copies: i
             for chunk, scale in enumerate(scales)]
 
 
-def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False):
+def decode_registers(codes, scale, chunk: int, values, dtype):
     """Inside ``plgpu.inline_mgpu``: codes (64, W) int32 (WGMMA layout) and the chunk's block
     scales (64,) float32 (WGMMA_ROW layout) -> operand chunk ``chunk`` (64, 64), WGMMA layout,
-    in ``PERMUTATION`` order. ``raw`` (experiments only) skips the decode: the code words
-    themselves, as garbage values."""
+    in ``PERMUTATION`` order."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import vector
     from jax.experimental.mosaic.gpu import utils
@@ -241,7 +240,7 @@ def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False)
         halves.append([])
         for e in range(2):  # column groups 4e .. 4e + 3
             word = utils.bitcast(vector.extract(word_pair, [], [e]), i32)
-            regs = [word] * 4 if raw else utils.inline_ptx(ptx, word, s2, result_types=[i32] * 4)
+            regs = utils.inline_ptx(ptx, word, s2, result_types=[i32] * 4)
             halves[h] += _as_pairs(regs, out_elt)
     return _operand(halves)
 
