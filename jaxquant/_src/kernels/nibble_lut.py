@@ -5,7 +5,7 @@ the high bytes of the table each fill four 32-bit registers, ``prmt`` picks 4 by
 3-bit selectors, and a third ``prmt`` picks between entries 0-7 and 8-15 by the code's top bit.
 One 32-bit word of codes (8 weights) costs 5 shared setup ops, 16 ``prmt`` and 4 packed
 multiplies by the block's scale: about 3 instructions per weight, against ~40 for a select tree
-on unpacked codes (what kernel v2 did, and why it was instruction-bound). Those ``prmt`` run on
+on unpacked codes (which keeps a kernel instruction-bound). Those ``prmt`` run on
 the integer ALU pipe (half rate), which they kept 68% busy at 1 token on the H100; the
 alternative (``pair_table``, ``codes_ptx`` + ``lookup_ptx``) looks each code byte up in a
 256-entry table of value pairs in shared memory: one ``prmt``, one ``mad`` and one load per byte,
