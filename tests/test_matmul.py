@@ -1,4 +1,6 @@
-"""qmatmul: the XLA reference path against float64 numpy, gradients, and bad input."""
+"""qmatmul: the XLA reference path against float64 numpy, one suite run against every
+implementation (the XLA path, the Mosaic GPU and TPU kernels interpreted), gradients, empty
+batches and bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +8,22 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from jaxquant._src.kernels import qmatmul_tpu
+
+# every implementation, as qmatmul(x, q) with bf16 compute; the kernels in interpret mode
+IMPLEMENTATIONS = {
+    "xla": lambda x, q: jq.qmatmul(x, q, implementation="xla"),
+    "mgpu-interpret": lambda x, q: jq.qmatmul(x, q, implementation="pallas", interpret=True),
+    "tpu-interpret": lambda x, q: qmatmul_tpu.qmatmul(x, q, interpret=True),
+}
+# a kernel's run in the interpreter takes 3-7 s on 2 cores
+IMPLEMENTATION_PARAMS = [pytest.param(name, marks=() if name == "xla" else pytest.mark.slow)
+                         for name in IMPLEMENTATIONS]
+KERNEL_CASES = [  # shapes and formats every kernel handles: (lead, K, N, qtype, double_quant)
+    ((1,), 512, 256, "nf4", True),
+    ((2, 5), 256, 128, "fp4", False),
+    ((3,), 512, 256, "int4", False),
+]
 
 CASES = [  # (M-shape of x's leading dims, K, N, qtype, block, zero_point, double_quant)
     ((1,), 256, 128, "nf4", 64, False, True),
@@ -74,3 +92,44 @@ def test_bad_input(rng):
         jq.qmatmul(x, q, implementation="triton")
     with pytest.raises(NotImplementedError):
         jq.qmatmul(x, q, implementation="pallas")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATION_PARAMS)
+@pytest.mark.parametrize("lead,k,n,qtype,dq", KERNEL_CASES)
+def test_every_implementation_matches_float64_reference(impl, lead, k, n, qtype, dq, rng):
+    w = weights(rng, k, n, heavy=True)
+    q = jq.quantize(jnp.asarray(w, jnp.bfloat16), qtype, 64, axis=0, double_quant=dq)
+    x = jnp.asarray(rng.standard_normal((*lead, k)), jnp.bfloat16)
+    ref = np.asarray(x, np.float64) @ np.asarray(jq.dequantize(q), np.float64)
+    out = IMPLEMENTATIONS[impl](x, q)
+    assert out.shape == (*lead, n) and out.dtype == jnp.bfloat16
+    # bf16 operands (the weight rounded once more after its scale) and a bf16 result
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, atol=2e-2 * np.abs(ref).max(),
+                               rtol=0)
+
+
+@pytest.mark.parametrize("implementation,interpret", [
+    ("xla", False), pytest.param("pallas", True, marks=pytest.mark.slow)])
+def test_gradient_through_every_implementation(implementation, interpret, rng):
+    q = jq.quantize(weights(rng, 256, 128), "nf4", 64, axis=0, double_quant=True)
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((3, 128)), jnp.float32)
+    loss = lambda x: jnp.sum(jq.qmatmul(x, q, implementation=implementation, interpret=interpret)
+                             * ct)
+    gx = jax.grad(loss)(x)
+    # the backward pass is the XLA path's in every implementation: bf16 operands
+    ref = np.asarray(ct, np.float64) @ np.asarray(jq.dequantize(q), np.float64).T
+    np.testing.assert_allclose(gx, ref, atol=2e-2 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("implementation,interpret", [
+    ("xla", False), ("auto", False), ("pallas", True), ("auto", True)])
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+def test_an_empty_batch_gives_the_empty_result(implementation, interpret, lead, rng):
+    q = jq.quantize(weights(rng, 256, 128), "nf4", 64, axis=0, double_quant=True)
+    f = lambda x: jq.qmatmul(x, q, implementation=implementation, interpret=interpret)
+    x = jnp.ones((*lead, 256), jnp.bfloat16)
+    for out in (f(x), jax.jit(f)(x)):
+        assert out.shape == (*lead, 128) and out.dtype == jnp.bfloat16
+    gx = jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32)))(x)
+    assert gx.shape == x.shape and gx.dtype == x.dtype

@@ -73,6 +73,7 @@ def test_kernel_lowers_for_hopper(qtype, rng):
     assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.slow  # the kernel in the interpreter plus both quantize paths: ~4 s on 2 cores
 @pytest.mark.parametrize("shape,axis", [((8, 512), None), ((4, 2, 1024), -1), ((3, 4096), 1)])
 def test_quantize_through_the_kernel_path_gives_the_same_qarray(monkeypatch, shape, axis, rng):
     """``jq.quantize``'s kernel branch (forced, the kernel interpreted) reshapes the kernel's flat

@@ -14,15 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant._src.dequantize import dequantize_halves, dequantize_rows
+from jaxquant._src.kernels import dispatch, platform
+from jaxquant._src.matmul_xla import qmatmul_xla, qmatmul_xla_grad_x
 from jaxquant._src.qarray import QArray, validate
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 _COMPUTE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-# From this many tokens the XLA path writes the whole dequantized weight out and runs one plain gemm on it with a 16-bit result; below, two dots on
-# the halves, which XLA fuses better for a single token. H100, 4096x14336: M=16 0.39 -> 0.41x,
-# M=128 0.34 -> 0.40x, M=2048 0.62 -> 0.87x a bf16 dot (BUILD_NOTES, xla_path_variants_gpu.py).
-_MATERIALIZE_FROM_TOKENS = 16
 
 
 def _check(x, q: QArray, implementation: str, compute_dtype) -> np.dtype:
@@ -44,35 +41,6 @@ def _check(x, q: QArray, implementation: str, compute_dtype) -> np.dtype:
     return compute
 
 
-def qmatmul_xla(x: jax.Array, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Array:
-    """The reference: dequantize W to ``compute_dtype``, then a dot with float32 accumulation.
-
-    W is dequantized in its stored layout ``W^T (N, K)`` and contracted on its K axis: the same
-    numbers as ``x @ dequantize(q)``, without transposing the dequantized weight in memory.
-    """
-    # Tie the weight to x: XLA may not hoist every layer's dequantize to the top of a model
-    # (that would hold all weights in full precision at once, measured in tests/test_flax.py).
-    out_dtype = x.dtype
-    x, q = jax.lax.optimization_barrier((x, q))
-    x = x.astype(compute_dtype)
-    dims = (((x.ndim - 1,), (1,)), ((), ()))
-    materialize = int(np.prod(x.shape[:-1])) >= _MATERIALIZE_FROM_TOKENS
-    halves = dequantize_halves(q, np.dtype(compute_dtype))
-    if halves is not None and not materialize:  # 4-bit: even and odd k apart, no interleave
-        y = (jax.lax.dot_general(x[..., 0::2], halves[0], dims, preferred_element_type=jnp.float32)
-             + jax.lax.dot_general(x[..., 1::2], halves[1], dims, preferred_element_type=jnp.float32))
-    else:
-        w_t = dequantize_rows(q, np.dtype(compute_dtype))
-        result = jnp.float32
-        if materialize:  # a plain gemm on the written-out weight
-            w_t = jax.lax.optimization_barrier(w_t)
-            # still accumulated in float32 (cuBLAS/XLA upcast 16-bit dots), but written in the
-            # output dtype: a float32 result and a convert pass cost 55 us at M=2048 x 14336
-            result = out_dtype if np.dtype(out_dtype) == np.dtype(compute_dtype) else result
-        y = jax.lax.dot_general(x, w_t, dims, preferred_element_type=result)
-    return y.astype(out_dtype)
-
-
 def _zero_cotangent(q: QArray) -> QArray:
     """No gradient for the frozen codes and constants (float0 for the integer leaves)."""
     def zero(leaf):
@@ -83,11 +51,16 @@ def _zero_cotangent(q: QArray) -> QArray:
 
 
 def _forward(x, q, implementation, interpret, compute_dtype):
-    if implementation == "xla":
-        return qmatmul_xla(x, q, compute_dtype)
-    from jaxquant._src.kernels import dispatch
-    return dispatch.qmatmul_kernel(x, q, implementation=implementation, interpret=interpret,
-                                   compute_dtype=compute_dtype)
+    if x.size == 0:  # no tokens (or K = 0): nothing to multiply, and no kernel to launch
+        return jnp.zeros((*x.shape[:-1], q.shape[1]), x.dtype)
+    xla = functools.partial(qmatmul_xla, compute_dtype=compute_dtype)
+    choice = dispatch.choose(x, q, implementation=implementation, interpret=interpret,
+                             compute_dtype=compute_dtype)
+    if choice.kernel is None:
+        return xla(x, q)
+    if choice.platform is None:
+        return choice.kernel(x, q)
+    return platform.kernel_or_xla(choice.platform, choice.kernel, xla, x, q)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -101,10 +74,7 @@ def _qmatmul_fwd(x, q, implementation, interpret, compute_dtype):
 
 def _qmatmul_bwd(implementation, interpret, compute_dtype, q, g):
     # dL/dx = g @ W^T, through the XLA path: the weights are dequantized once in compute dtype.
-    w_t = dequantize_rows(q, np.dtype(compute_dtype))  # (N, K)
-    gx = jax.lax.dot_general(g.astype(compute_dtype), w_t, (((g.ndim - 1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    return gx.astype(g.dtype), _zero_cotangent(q)
+    return qmatmul_xla_grad_x(g, q, compute_dtype), _zero_cotangent(q)
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)

@@ -18,6 +18,7 @@ import pytest
 import jaxquant as jq
 from jaxquant._src.kernels import platform
 from jaxquant._src.kernels import qmatmul_mgpu as K
+from jaxquant._src.kernels import qmatmul_tuning
 
 FROBENIUS = {np.dtype(jnp.bfloat16): 1e-2, np.dtype(jnp.float16): 1.25e-3}
 
@@ -67,8 +68,9 @@ def kernel_path(m, k, n, block=64, sizes=K.BlockSizes(), dtype=jnp.bfloat16) -> 
     """The decode, step length, warpgroups, output and token tiling the kernel picks."""
     q = jq.QArray(codes=np.zeros((n, k // 2), np.uint8), scale=np.ones((n, k // block), np.float32),
                   shape=(k, n), qtype="nf4", block_size=block, axis=0)
-    fitted = K._check_supported(jax.ShapeDtypeStruct((m, k), dtype), q, dtype, sizes)
-    (token_tiles, _), splits, ctas = K._launch_grid(m, k, n, fitted)
+    fitted = K.check_supported(jax.ShapeDtypeStruct((m, k), dtype), q, dtype, sizes)
+    grid = qmatmul_tuning.launch(m, k, n, fitted)
+    (token_tiles, _), splits, ctas = grid.tiles, grid.splits, grid.ctas
     decode = f"table{fitted.table_copies}" if fitted.table_copies else "registers"
     output = "split-K" if splits > 1 else "persistent" if ctas else "direct"
     return (f"{decode} k{fitted.tile_k} {fitted.compute_wgs}wg {output}"

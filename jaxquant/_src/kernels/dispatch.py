@@ -1,52 +1,60 @@
-"""Choose a qmatmul kernel for the inputs and the backend, or fall back to XLA."""
+"""Which qmatmul kernel runs for these inputs on this backend: a choice handed back to the caller
+(``matmul.qmatmul``), which runs the XLA path where the choice is none."""
 
 from __future__ import annotations
 
-import jax
-import numpy as np
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
-from jaxquant._src import matmul
+import jax
+
 from jaxquant._src.kernels import platform
 
-# auto leaves small decode matmuls to XLA on the GPU: at SmolLM2-135M shapes (576x1536, 1 token)
-# every call sits at its ~5 us latency floor and the XLA path was 0-13% faster than the kernel,
-# which wins from 16 tokens or 4M weights (H100, experiments/small_shapes_gpu.py). SmolLM2 greedy
-# generation went from 0.84x to 0.87x of bf16 (0.91x if its 16-token prefill also avoids the
-# kernel: one Mosaic GPU call in a jitted program costs the decode loop its CUDA graphs).
-XLA_UP_TO_TOKENS = 8
-XLA_UP_TO_WEIGHTS = 1_200_000
+
+class Choice(NamedTuple):
+    """``kernel(x, q)`` computes the product, or None for the XLA path. With ``platform``
+    ("cuda" or "tpu") the kernel only where the computation is lowered for that platform and the
+    XLA path elsewhere (``platform.kernel_or_xla``); None: the kernel as it is."""
+    kernel: Callable | None
+    platform: str | None = None
 
 
-def _xla_is_faster(x, q) -> bool:
-    return int(np.prod(x.shape[:-1])) <= XLA_UP_TO_TOKENS and int(np.prod(q.shape)) <= XLA_UP_TO_WEIGHTS
+XLA = Choice(None)
 
 
-def qmatmul_kernel(x, q, *, implementation: str, interpret: bool, compute_dtype):
-    """The Pallas kernel for these inputs; with ``auto``, XLA where no kernel applies."""
-    raise_or_fallback = implementation == "pallas"
-    try:
-        # the TPU kernel on TPUs; elsewhere the Mosaic GPU one (which interpret mode runs on CPU)
-        if jax.default_backend() == "tpu":
-            from jaxquant._src.kernels import qmatmul_tpu as kernel
-            lowered_for = "tpu"
-        else:
-            from jaxquant._src.kernels import qmatmul_mgpu as kernel
-            lowered_for = "cuda"
-        if interpret:
-            return kernel.qmatmul(x, q, compute_dtype=compute_dtype, interpret=True)
-        if kernel.can_use(x, q, compute_dtype):
-            run = lambda x, q: kernel.qmatmul(x, q, compute_dtype=compute_dtype)
-            if raise_or_fallback:
-                return run(x, q)
-            if lowered_for == "cuda" and _xla_is_faster(x, q):
-                return matmul.qmatmul_xla(x, q, compute_dtype)
-            # auto: the kernel only where this is lowered for its platform (CPU-placed arrays on
-            # a GPU machine take XLA)
-            return platform.kernel_or_xla(
-                lowered_for, run, lambda x, q: matmul.qmatmul_xla(x, q, compute_dtype), x, q)
-        raise NotImplementedError(f"no qmatmul kernel for {q!r} with x {x.dtype}{tuple(x.shape)} "
-                                  f"on {jax.default_backend()}")
-    except NotImplementedError:
-        if raise_or_fallback:
-            raise
-        return matmul.qmatmul_xla(x, q, compute_dtype)
+def choose(x, q, *, implementation: str, interpret: bool, compute_dtype) -> Choice:
+    """The kernel for ``implementation`` "pallas" or "auto" (``"xla"``: none).
+
+    The TPU kernel on TPUs; elsewhere the Mosaic GPU one, which interpret mode runs on CPU.
+    "pallas" raises NotImplementedError where the kernel does not handle the inputs or the
+    backend has no device for it; "auto" takes XLA there, and where ``can_use`` says XLA is
+    faster.
+    """
+    if implementation == "xla":
+        return XLA
+    # imported here: the Pallas backends load only when a kernel may run
+    if jax.default_backend() == "tpu":
+        from jaxquant._src.kernels import qmatmul_tpu as kernel
+        lowered_for, present = "tpu", platform.tpu_present
+    else:
+        from jaxquant._src.kernels import qmatmul_mgpu as kernel
+        lowered_for, present = "cuda", platform.hopper_present
+    run = functools.partial(kernel.qmatmul, compute_dtype=compute_dtype, interpret=interpret)
+    if implementation == "pallas":
+        kernel.check_supported(x, q, compute_dtype)
+        if not (interpret or present()):
+            raise NotImplementedError(
+                f"no qmatmul kernel for {q!r} with x {x.dtype}{tuple(x.shape)} on "
+                f"{jax.default_backend()} (the kernels need an sm90 GPU or a TPU; "
+                f"interpret=True runs them on CPU)")
+        return Choice(run)
+    if interpret:
+        try:
+            kernel.check_supported(x, q, compute_dtype)
+        except NotImplementedError:
+            return XLA
+        return Choice(run)
+    # the kernel only where this is lowered for its platform (CPU-placed arrays on a GPU
+    # machine take XLA)
+    return Choice(run, lowered_for) if kernel.can_use(x, q, compute_dtype) else XLA

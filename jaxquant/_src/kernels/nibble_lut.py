@@ -5,7 +5,7 @@ the high bytes of the table each fill four 32-bit registers, ``prmt`` picks 4 by
 3-bit selectors, and a third ``prmt`` picks between entries 0-7 and 8-15 by the code's top bit.
 One 32-bit word of codes (8 weights) costs 5 shared setup ops, 16 ``prmt`` and 4 packed
 multiplies by the block's scale: about 3 instructions per weight, against ~40 for a select tree
-on unpacked codes (what kernel v2 did, and why it was instruction-bound). Those ``prmt`` run on
+on unpacked codes (which keeps a kernel instruction-bound). Those ``prmt`` run on
 the integer ALU pipe (half rate), which they kept 68% busy at 1 token on the H100; the
 alternative (``pair_table``, ``codes_ptx`` + ``lookup_ptx``) looks each code byte up in a
 256-entry table of value pairs in shared memory: one ``prmt``, one ``mad`` and one load per byte,
@@ -222,11 +222,10 @@ def decode_from_table(codes_ref, row_bytes: int, scales, dtype, table, copies: i
             for chunk, scale in enumerate(scales)]
 
 
-def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False):
+def decode_registers(codes, scale, chunk: int, values, dtype):
     """Inside ``plgpu.inline_mgpu``: codes (64, W) int32 (WGMMA layout) and the chunk's block
     scales (64,) float32 (WGMMA_ROW layout) -> operand chunk ``chunk`` (64, 64), WGMMA layout,
-    in ``PERMUTATION`` order. ``raw`` (experiments only) skips the decode: the code words
-    themselves, as garbage values."""
+    in ``PERMUTATION`` order."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import vector
     from jax.experimental.mosaic.gpu import utils
@@ -241,7 +240,7 @@ def decode_registers(codes, scale, chunk: int, values, dtype, raw: bool = False)
         halves.append([])
         for e in range(2):  # column groups 4e .. 4e + 3
             word = utils.bitcast(vector.extract(word_pair, [], [e]), i32)
-            regs = [word] * 4 if raw else utils.inline_ptx(ptx, word, s2, result_types=[i32] * 4)
+            regs = utils.inline_ptx(ptx, word, s2, result_types=[i32] * 4)
             halves[h] += _as_pairs(regs, out_elt)
     return _operand(halves)
 

@@ -26,27 +26,30 @@ from jaxquant._src import codebooks
 from jaxquant._src.dequantize import block_scale
 from jaxquant._src.kernels import platform
 from jaxquant._src.kernels.nibble_lut import select_decode
+from jaxquant._src.matmul_xla import qmatmul_xla
 from jaxquant._src.qarray import QArray
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    tile_n: int = 128  # output features per grid step
-    tile_k: int = 256  # elements of K per grid step (128 code bytes per row)
+    """How the TPU kernel tiles one call (not tuned: no TPU to measure on).
+
+    Attributes:
+      tile_n: output features per grid step (a multiple of 128, the lane width).
+      tile_k: elements of K per grid step (``tile_k / 2`` code bytes per row).
+    """
+
+    tile_n: int = 128
+    tile_k: int = 256
 
 
-def can_use(x, q: QArray, compute_dtype) -> bool:
-    try:
-        _check_supported(x, q, compute_dtype)
-    except NotImplementedError:
-        return False
-    return platform.tpu_present()
-
-
-def _check_supported(x, q: QArray, compute_dtype, bs: BlockSizes = BlockSizes()):
+def check_supported(x, q: QArray, compute_dtype, bs: BlockSizes = BlockSizes()) -> None:
+    """NotImplementedError for what the kernel does not handle."""
     k, n = q.shape
     why = None
-    if q.qtype not in ("nf4", "fp4", "int4") or q.zero_point is not None:
+    if x.size == 0:  # qmatmul returns the empty result before choosing a kernel
+        why = "an empty x (no tokens)"
+    elif q.qtype not in ("nf4", "fp4", "int4") or q.zero_point is not None:
         why = f"qtype {q.qtype!r} (zero_point={q.zero_point is not None})"
     elif k % bs.tile_k or n % bs.tile_n:
         why = f"shape K={k}, N={n} (needs K % {bs.tile_k} == 0 and N % {bs.tile_n} == 0)"
@@ -56,7 +59,22 @@ def _check_supported(x, q: QArray, compute_dtype, bs: BlockSizes = BlockSizes())
         raise NotImplementedError(f"qmatmul_tpu does not handle {why}")
 
 
-def _kernel(xe_ref, xo_ref, codes_ref, scales_ref, out_ref, *, values, block_size, tile_k, compute_dtype):
+def can_use(x, q: QArray, compute_dtype) -> bool:
+    """Whether ``auto`` runs this kernel: supported, and a TPU in the process."""
+    try:
+        check_supported(x, q, compute_dtype)
+    except NotImplementedError:
+        return False
+    return platform.tpu_present()
+
+
+def reference(x, q: QArray, compute_dtype=jnp.bfloat16) -> jax.Array:
+    """What the kernel computes: the XLA path, ``x @ dequantize(q)`` with float32 accumulation."""
+    return qmatmul_xla(x, q, compute_dtype)
+
+
+def _kernel(xe_ref, xo_ref, codes_ref, scales_ref, out_ref, *, values, block_size, tile_k,
+            compute_dtype):
     step = pl.program_id(1)
 
     @pl.when(step == 0)
@@ -78,8 +96,9 @@ def _kernel(xe_ref, xo_ref, codes_ref, scales_ref, out_ref, *, values, block_siz
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "interpret", "block_sizes"))
 def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=False,
             block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
-    """``x @ dequantize(q)`` through the TPU kernel; NotImplementedError for what it does not handle."""
-    _check_supported(x, q, compute_dtype, block_sizes)
+    """``x @ dequantize(q)`` through the TPU kernel; NotImplementedError for what it does not
+    handle. ``interpret=True`` runs it in the Pallas interpreter (on CPU)."""
+    check_supported(x, q, compute_dtype, block_sizes)
     bs = block_sizes
     k, n = q.shape
     lead = x.shape[:-1]
@@ -89,8 +108,9 @@ def qmatmul(x: jax.Array, q: QArray, *, compute_dtype=jnp.bfloat16, interpret=Fa
     x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
     xe, xo = x2[:, 0::2], x2[:, 1::2]
     scales = block_scale(q)  # (N, K/bs) float32
-    kernel = functools.partial(_kernel, values=codebooks.QTYPES[q.qtype].values, block_size=q.block_size,
-                               tile_k=bs.tile_k, compute_dtype=np.dtype(compute_dtype))
+    kernel = functools.partial(_kernel, values=codebooks.QTYPES[q.qtype].values,
+                               block_size=q.block_size, tile_k=bs.tile_k,
+                               compute_dtype=np.dtype(compute_dtype))
     out = pl.pallas_call(
         kernel,
         grid=(n // bs.tile_n, k // bs.tile_k),

@@ -9,7 +9,8 @@ low half), so that a word's two codes make one output byte without moving data b
 number of midpoints strictly below, with an IEEE reciprocal: PTX ``rcp.rn.ftz.f32``),
 so the bytes and constants are identical. The code comes from one shared-memory lookup and one
 compare per value (cell_table.py); a binary search over the midpoints made the kernel ALU-bound
-at 41% of a copy's bandwidth, the lookup runs at 94% (H100, 4096x14336, BUILD_NOTES).
+at 41% of a copy's bandwidth, the lookup runs at 94% (H100, 4096x14336,
+experiments/results/quantize_kernel_h100_session6.log).
 """
 
 from __future__ import annotations
