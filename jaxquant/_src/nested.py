@@ -11,6 +11,18 @@ from jaxquant._src.encode import quantize_rows
 from jaxquant._src.qarray import QArray
 
 
+def fixed_order_sum(values: jax.Array) -> jax.Array:
+    """The float32 sum of ``values`` in one fixed order (halves added pairwise), the same bits on
+    every backend: XLA's own reductions sum in a backend-dependent order, and the mean's last bit
+    moves every nested code and constant."""
+    flat = values.reshape(-1)
+    n = 1 << max(flat.size - 1, 0).bit_length()
+    flat = jnp.pad(flat, (0, n - flat.size))
+    while flat.size > 1:
+        flat = flat[: flat.size // 2] + flat[flat.size // 2:]
+    return flat[0]
+
+
 def quantize_nested(constants: jax.Array, block_size: int) -> QArray:
     """bitsandbytes' double quantization: subtract the mean, then dynamic8 blocks of ``block_size``.
 
@@ -20,7 +32,7 @@ def quantize_nested(constants: jax.Array, block_size: int) -> QArray:
     # The mean of the finite constants: a NaN constant (a block that held NaN/Inf under jit)
     # then spoils only its own nested block of ``block_size`` constants, not every block.
     finite = jnp.isfinite(constants)
-    total = jnp.where(finite, constants, 0).sum()
+    total = fixed_order_sum(jnp.where(finite, constants, 0))
     offset = total / jnp.maximum(finite.sum(), 1).astype(jnp.float32) if constants.size else jnp.float32(0)
     centered = constants - offset
     codes, scale, _ = quantize_rows(centered, QuantConfig("dynamic8", block_size, None), block_size)
