@@ -49,6 +49,10 @@ def _apply_constants(raw: jax.Array, q: QArray) -> jax.Array:
     scale = block_scale(q)[..., None]
     if q.zero_point is not None:
         out = (values - q.zero_point[..., None].astype(jnp.float32)) * scale
+        # A code may land half a step past the block's min or max; at the end of the original
+        # dtype's range that would overflow to +-inf, so it stops at the largest finite value.
+        top = np.float32(jnp.finfo(q.dtype).max)
+        out = jnp.clip(out, -top, top)
     else:
         out = values * scale
     if q.offset is not None:
