@@ -10,19 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant._src import codebooks
+from jaxquant._src import codebooks, layout
 
 
 def blocked_shape(shape: tuple[int, ...], axis: int | None) -> tuple[tuple[int, ...], int]:
     """``(rest, L)``: the array viewed as rows of length ``L`` whose runs of ``block_size`` are blocks.
 
     ``axis=None`` is bitsandbytes' view, the whole row-major flattening as one row (``rest=()``);
-    ``axis=k`` moves axis k last, so each row is one line of elements along axis k.
+    ``axis=k`` moves axis k last, so each row is one line of elements along axis k; a tuple of
+    contiguous axes is merged into one such axis (``layout.py``).
     """
-    if axis is None:
-        return (), math.prod(shape)
-    rest = tuple(d for i, d in enumerate(shape) if i != axis)
-    return rest, shape[axis]
+    return layout.rows_shape(shape, axis)
 
 
 @jax.tree_util.register_dataclass
@@ -63,7 +61,7 @@ class QArray:
     dtype: Any = dataclasses.field(default=np.dtype(np.float32), metadata=dict(static=True))
     qtype: str = dataclasses.field(default="nf4", metadata=dict(static=True))
     block_size: int = dataclasses.field(default=64, metadata=dict(static=True))
-    axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    axis: int | tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def ndim(self) -> int:
@@ -88,6 +86,14 @@ class QArray:
                 f"block_size={self.block_size}, axis={self.axis}{extra})")
 
 
+def _axis_ok(axis, ndim: int) -> bool:
+    """None, an axis in range, or a normalized tuple of >= 2 contiguous axes (layout.py)."""
+    try:
+        return layout.normalize_axis(axis, ndim) == axis
+    except ValueError:
+        return False
+
+
 def _expect(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(f"inconsistent QArray: {message}")
@@ -106,25 +112,30 @@ def validate(q: QArray) -> QArray:
     qt = codebooks.get_qtype(q.qtype)
     _expect(isinstance(q.block_size, int) and q.block_size > 0, f"block_size={q.block_size!r}")
     _expect(jnp.issubdtype(q.dtype, jnp.floating), f"dtype={q.dtype!r} is not floating")
-    _expect(q.axis is None or 0 <= q.axis < len(q.shape), f"axis={q.axis} for shape={q.shape}")
+    _expect(_axis_ok(q.axis, len(q.shape)),
+            f"axis={q.axis} for shape={q.shape}")
     rest, length = blocked_shape(q.shape, q.axis)
     row_codes = -(-length // 2) if qt.bits == 4 else length
     nb = -(-length // q.block_size)
-    _expect(tuple(q.codes.shape) == (*rest, row_codes) and q.codes.dtype == jnp.uint8,
+    # leading stack dimensions (layout.py): the same on every leaf, the metadata is one layer's
+    stack = tuple(q.codes.shape[:max(len(q.codes.shape) - len(rest) - 1, 0)])
+    _expect(tuple(q.codes.shape) == (*stack, *rest, row_codes) and q.codes.dtype == jnp.uint8,
             f"codes {q.codes.dtype}{tuple(q.codes.shape)}, expected uint8{(*rest, row_codes)} "
             f"for shape={q.shape} axis={q.axis} qtype={q.qtype}")
     if isinstance(q.scale, QArray):
         validate(q.scale)
-        _expect(q.scale.shape == (*rest, nb) and q.scale.offset is not None,
-                f"nested scale {q.scale!r}, expected shape {(*rest, nb)} with an offset")
+        _expect(q.scale.shape == (*rest, nb) and q.scale.offset is not None
+                and tuple(q.scale.offset.shape) == stack,
+                f"nested scale {q.scale!r}, expected shape {(*rest, nb)} with an offset of shape {stack}")
     else:
-        _expect(tuple(q.scale.shape) == (*rest, nb) and q.scale.dtype == jnp.float32,
-                f"scale {q.scale.dtype}{tuple(q.scale.shape)}, expected float32{(*rest, nb)}")
+        _expect(tuple(q.scale.shape) == (*stack, *rest, nb) and q.scale.dtype == jnp.float32,
+                f"scale {q.scale.dtype}{tuple(q.scale.shape)}, expected float32{(*stack, *rest, nb)}")
     if q.zero_point is not None:
         _expect(qt.is_integer, f"zero_point given for table qtype {q.qtype!r}")
-        _expect(tuple(q.zero_point.shape) == (*rest, nb) and q.zero_point.dtype == jnp.int8,
-                f"zero_point {q.zero_point.dtype}{tuple(q.zero_point.shape)}, expected int8{(*rest, nb)}")
+        _expect(tuple(q.zero_point.shape) == (*stack, *rest, nb) and q.zero_point.dtype == jnp.int8,
+                f"zero_point {q.zero_point.dtype}{tuple(q.zero_point.shape)}, expected "
+                f"int8{(*stack, *rest, nb)}")
     if q.offset is not None:
-        _expect(tuple(q.offset.shape) == () and q.offset.dtype == jnp.float32,
-                f"offset {q.offset.dtype}{tuple(q.offset.shape)}, expected a float32 scalar")
+        _expect(tuple(q.offset.shape) == stack and q.offset.dtype == jnp.float32,
+                f"offset {q.offset.dtype}{tuple(q.offset.shape)}, expected float32{stack}")
     return q

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant._src import codebooks, cpu_pages, division
+from jaxquant._src import codebooks, cpu_pages, division, layout
 from jaxquant._src.kernels import platform, quantize_mgpu
 from jaxquant._src.qarray import QArray, blocked_shape, validate
 
@@ -51,12 +51,7 @@ class QuantConfig:
         if self.zero_point and not qt.is_integer:
             raise ValueError(f"zero_point=True needs an integer qtype ('int4' or 'int8'), got "
                              f"qtype={self.qtype!r}: table types are symmetric by construction")
-        axis = self.axis
-        if axis is not None:
-            if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
-                raise ValueError(f"axis must be None or an int in [{-ndim}, {ndim}) for a "
-                                 f"{ndim}-d array, got axis={axis!r}")
-            axis = int(axis) % ndim
+        axis = layout.normalize_axis(self.axis, ndim)  # a tuple: contiguous axes, merged
         bs = None if self.block_size is None else int(self.block_size)
         return dataclasses.replace(self, axis=axis, block_size=bs,
                                    nested_block_size=int(self.nested_block_size))
@@ -70,12 +65,17 @@ def _check_dtype(x) -> None:
 
 def _to_rows(x: jax.Array, axis: int | None) -> jax.Array:
     """``x`` as ``(*rest, L)``: flattened for axis=None, the block axis moved last otherwise."""
+    if isinstance(axis, tuple):
+        shape, axis = layout.merge(x.shape, axis)
+        x = x.reshape(shape)
     return x.reshape(x.size) if axis is None else jnp.moveaxis(x, axis, -1)
 
 
 def _from_rows(rows: jax.Array, shape: tuple[int, ...], axis: int | None) -> jax.Array:
     if axis is None:
         return rows.reshape(shape)
+    if isinstance(axis, tuple):
+        return _from_rows(rows, *layout.merge(shape, axis)).reshape(shape)
     moved = (*shape[:axis], *shape[axis + 1:], shape[axis])
     return jnp.moveaxis(rows.reshape(moved), -1, axis)
 
@@ -256,6 +256,10 @@ def _quantize_in_place(x: jax.Array, cfg: QuantConfig, block_size: int):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _quantize(x: jax.Array, cfg: QuantConfig) -> QArray:
+    if isinstance(cfg.axis, tuple):  # merged axes: stored as the merged array's (layout.py)
+        shape, axis = layout.merge(x.shape, cfg.axis)
+        q = _quantize(x.reshape(shape), dataclasses.replace(cfg, axis=axis))
+        return dataclasses.replace(q, shape=tuple(x.shape), axis=cfg.axis)
     qt = codebooks.get_qtype(cfg.qtype)
     rest, length = blocked_shape(x.shape, cfg.axis)
     block_size = cfg.block_size or max(length, 1)
@@ -428,6 +432,8 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     """
     validate(q)
     dtype = np.dtype(q.dtype if dtype is None else dtype)
+    if layout.stack_ndim(q):  # stacked layers: one layer at a time (layout.py)
+        return layout.map_layers(_dequantize, q, dtype)
     device = _single_device(q.codes)
     if device is not None and (buffer := cpu_pages.fresh_buffer(q.shape, dtype, device)) is not None:
         # a large CPU output: written into huge pages (cpu_pages.py), ~2.5x faster than fresh
@@ -486,6 +492,8 @@ def unpack_codes(q: QArray) -> jax.Array:
     uint8 indices into their table.
     """
     validate(q)
+    if layout.stack_ndim(q):
+        return layout.map_layers(unpack_codes, q)
     qt = codebooks.get_qtype(q.qtype)
     _, length = blocked_shape(q.shape, q.axis)
     raw = _unpack_rows(q.codes, length) if qt.bits == 4 else q.codes
