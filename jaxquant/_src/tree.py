@@ -103,12 +103,13 @@ class PolicyError(ValueError):
 
 
 def path_str(path) -> str:
-    """A key path as ``a/b/0/kernel``; an NNX ``Variable``'s ``.value`` step is left out, so an
-    NNX state names a parameter as its module attribute (``layers/0/kernel``)."""
+    """A key path as ``a/b/0/kernel``; a last ``.value`` step (an NNX ``Variable``'s) is left
+    out, so an NNX state or module names a parameter as its attribute (``layers/0/kernel``)."""
     parts = []
+    path = tuple(path)
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in ("value", "raw_value"):
+        path = path[:-1]
     for key in path:
-        if isinstance(key, jax.tree_util.GetAttrKey) and key.name in ("value", "raw_value"):
-            continue
         for attr in ("key", "name", "idx"):
             if hasattr(key, attr):
                 parts.append(str(getattr(key, attr)))
