@@ -164,19 +164,8 @@ def _init_rngs(rngs):
     return {name: jax.random.key(0) for name in streams | {"params"}}
 
 
-def layouts(model: nn.Module, *args, method=None, rngs=None, **kwargs) -> dict[str, Layout]:
-    """What each kernel's module contracts, by param path, read from an abstract ``model.init``.
-
-    Scanned layers (``nn.scan``, ``nn.scan(nn.remat(...))``) show as leading stack dimensions:
-    a layer sees its one-layer param, the tree holds them stacked.
-
-    Example:
-      >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxquant as jq
-      >>> model = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=128)
-      >>> x = jnp.ones((1, 8, 128))
-      >>> jq.flax.layouts(model, x)["params/out/kernel"].axis
-      (0, 1)
-    """
+def _trace(model, args, kwargs, method, rngs):
+    """An abstract ``model.init`` (no allocation): the variable tree and the kernels' layouts."""
     seen = {}
 
     def record(next_fun, call_args, call_kwargs, context):
@@ -201,12 +190,29 @@ def layouts(model: nn.Module, *args, method=None, rngs=None, **kwargs) -> dict[s
         if stack and full[key][stack:] != one:
             lay = Layout(None, module=lay.module, why_not="stacked along a non-leading axis")
         out[key] = Layout(lay.axis, stack, lay.module, lay.why_not)
-    return out
+    return abstract, out
+
+
+def layouts(model: nn.Module, *args, method=None, rngs=None, **kwargs) -> dict[str, Layout]:
+    """What each kernel's module contracts, by param path, read from an abstract ``model.init``
+    (for ``jaxquant.quantize_tree(params, layouts=...)``).
+
+    Scanned layers (``nn.scan``, ``nn.scan(nn.remat(...))``) show as leading stack dimensions:
+    a layer sees its one-layer param, the tree holds them stacked.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxquant as jq
+      >>> model = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=128)
+      >>> x = jnp.ones((1, 8, 128))
+      >>> jq.flax.layouts(model, x)["params/out/kernel"].axis
+      (0, 1)
+    """
+    return _trace(model, args, kwargs, method, rngs)[1]
 
 
 def _check_tree(model: nn.Module, variables, args, kwargs, method, rngs):
     """Compare the quantized tree's structure with the model's, naming the first mismatch."""
-    abstract = jax.eval_shape(lambda: model.init(_init_rngs(rngs), *args, method=method, **kwargs))
+    abstract, lays = _trace(model, args, kwargs, method, rngs)
     want = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     got = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_qarray)[0]}
     for name in sorted(set(want) | set(got)):
@@ -222,6 +228,11 @@ def _check_tree(model: nn.Module, variables, args, kwargs, method, rngs):
         if shape != tuple(want[name].shape):
             raise ValueError(f"jaxquant.flax.apply: {name!r} has shape {shape}, the model expects "
                              f"{tuple(want[name].shape)}")
+        stack = lays[name].stack if name in lays else 0
+        if isinstance(leaf, QArray) and layout.stack_ndim(leaf) != stack:
+            raise ValueError(f"jaxquant.flax.apply: {name!r} is {stack} scanned layer axis(es) deep "
+                             f"in the model, the QArray has {layout.stack_ndim(leaf)}: quantize with "
+                             f"jq.quantize_tree(params, layouts=jq.flax.layouts(model, *args))")
 
 
 def apply(model: nn.Module, variables, *args, rngs=None, mutable=False, method=None,
