@@ -22,6 +22,25 @@ def _logical(leaf):
     return leaf
 
 
+_FIELDS = ("codes", "scale", "zero_point", "offset")
+
+
+def _group_fields(after: dict) -> dict:
+    """An NNX state holds a QArray's leaves (``kernel/codes``, ``kernel/scale/codes``, ...) without
+    its metadata (that is in the graphdef): group them back under the parameter's path."""
+    out = {}
+    for name, leaf in after.items():
+        parts = name.split("/")
+        # the first field name whose parent also has codes: that parent is the QArray
+        cut = next((i for i, part in enumerate(parts) if part in _FIELDS and i
+                    and "/".join(parts[:i] + ["codes"]) in after), None)
+        if cut is None:
+            out[name] = leaf
+        else:
+            out.setdefault("/".join(parts[:cut]), []).append(leaf)
+    return out
+
+
 def memory_report(params, qparams=None, with_error: bool = False, *, policy: Policy | None = None,
                   layouts: dict[str, Layout] | None = None) -> list[dict]:
     """One row per parameter: path, shape, qtype, bytes before and after, bits per parameter, and
@@ -29,8 +48,9 @@ def memory_report(params, qparams=None, with_error: bool = False, *, policy: Pol
     None, and ``layouts``); with ``with_error``, the relative RMS weight error of quantized ones.
 
     ``params`` may be a Linen tree, an NNX state or an NNX module. With ``qparams=None``,
-    ``params`` is the quantized tree alone (bytes before from the QArrays' shapes and dtypes;
-    no errors then).
+    ``params`` is the quantized tree or module alone (bytes before from the QArrays' shapes and
+    dtypes; no errors then). An NNX state holds a QArray's leaves but not its metadata: its
+    quantized rows say ``qtype="quantized"`` and need the float state beside them.
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxquant as jq
@@ -45,8 +65,12 @@ def memory_report(params, qparams=None, with_error: bool = False, *, policy: Pol
     if qparams is None:
         params, qparams, with_error = None, params, False
     after = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_qarray)[0]
-    after = {path_str(p): leaf for p, leaf in after}
+    after = _group_fields({path_str(p): leaf for p, leaf in after})
+    grouped = [name for name, leaf in after.items() if isinstance(leaf, list)]
     if params is None:
+        if grouped:
+            raise ValueError(f"memory_report: {grouped[0]!r} is a QArray's leaves without its "
+                             f"metadata (an NNX state): pass the module, or the float state too")
         before = {name: _logical(leaf) for name, leaf in after.items()}
     else:
         before = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -54,17 +78,19 @@ def memory_report(params, qparams=None, with_error: bool = False, *, policy: Pol
         side = "quantized" if name in after else "float"
         raise ValueError(f"memory_report: {name!r} is only in the {side} tree; pass the tree "
                          f"quantize_tree was given and the tree it returned")
-    float_view = {name: _logical(leaf) for name, leaf in after.items()}
+    float_view = {name: before[name] if isinstance(leaf, list) else _logical(leaf)
+                  for name, leaf in after.items()}
     reasons = plan(float_view, policy, layouts)
     rows = []
     for name, leaf in after.items():
         orig = before[name]
-        row = dict(path=name, shape=tuple(orig.shape),
-                   qtype=leaf.qtype if isinstance(leaf, QArray) else None,
+        quantized = isinstance(leaf, (QArray, list))
+        qtype = leaf.qtype if isinstance(leaf, QArray) else "quantized" if quantized else None
+        row = dict(path=name, shape=tuple(orig.shape), qtype=qtype,
                    bytes_before=math.prod(orig.shape) * np.dtype(orig.dtype).itemsize,
                    bytes_after=nbytes(leaf))
         row["bits_per_param"] = 8 * row["bytes_after"] / max(math.prod(orig.shape), 1)
-        if not isinstance(leaf, QArray):
+        if not quantized:
             row["why"] = reasons[name].why or "left float by the policy that made the tree"
         if with_error and isinstance(leaf, QArray):
             ref = jnp.asarray(orig, jnp.float32)
