@@ -211,3 +211,18 @@ def test_nnx_scan_over_vmapped_layers():
 
     close(run(stack, X), run(dequantized_state(stack), X))
     assert jq.nbytes(stack) <= 0.35 * float_bytes
+
+
+def test_attention_out_projection_lowers_to_the_hopper_kernel(monkeypatch):
+    """The out projection (heads, head_dim, features) is one 2-D qmatmul: lowered for CUDA with a
+    Hopper present, it is the Mosaic GPU kernel (experiments/check_flax_kernel_gpu.py checks the
+    compiled HLO on the GPU machine)."""
+    from jaxquant._src.kernels import platform
+    monkeypatch.setattr(platform, "hopper_present", lambda: True)
+    model = nn.MultiHeadDotProductAttention(num_heads=8, dtype=jnp.bfloat16)
+    x = jnp.ones((1, 16, 1024), jnp.bfloat16)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    q = jq.quantize_tree(params, jq.Policy(rules=(jq.Rule(r"out/kernel$"),)))
+    text = jax.jit(lambda q, x: jq.flax.apply(model, q, x, check=False)).trace(q, x).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
