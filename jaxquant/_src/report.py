@@ -57,7 +57,7 @@ def memory_report(params, qparams=None, with_error: bool = False, *, policy: Pol
       >>> params = nn.Dense(256).init(jax.random.key(0), jnp.ones((1, 784)))
       >>> rows = jq.memory_report(params, jq.quantize_tree(params))
       >>> [(r["path"], r["qtype"] or r["why"]) for r in rows]
-      [('params/bias', 'under min_size 4096'), ('params/kernel', 'nf4')]
+      [('params/bias', 'no rule matches'), ('params/kernel', 'nf4')]
 
     Raises:
       ValueError: the two trees do not have the same parameter paths (naming the first).
