@@ -167,3 +167,12 @@ def test_donate_keeps_an_array_that_another_leaf_still_uses(rng):
     policy = jq.Policy(rules=(jq.Rule(r"^kept/", qtype=None), jq.Rule(r"kernel$")))
     q = jq.quantize_tree({"kept": {"kernel": w}, "quant": {"kernel": w}}, policy, donate=True)
     assert not w.is_deleted() and q["kept"]["kernel"] is w
+
+
+def test_merged_and_stacked_qarrays_save_and_load(rng, tmp_path):
+    w = jnp.asarray(rng.standard_normal((2, 4, 32, 128)), jnp.float32)
+    q = jq.quantize_tree({"kernel": w}, layouts={"kernel": jq.Layout((0, 1), stack=1)})
+    jq.save(tmp_path / "m.safetensors", q)
+    back = jq.load(tmp_path / "m.safetensors", jax.eval_shape(lambda: q))["kernel"]
+    assert back.axis == (0, 1) and back.codes.shape == (2, 128, 64)
+    np.testing.assert_array_equal(jq.dequantize(back), jq.dequantize(q["kernel"]))

@@ -90,7 +90,8 @@ def _build(meta: dict, name: str, tensors: dict, file) -> QArray:
                _take(tensors, f"{name}::zero_point", file) if meta["zero_point"] else None,
                _take(tensors, f"{name}::offset", file) if meta["offset"] else None,
                shape=tuple(meta["shape"]), dtype=np.dtype(jnp.dtype(meta["dtype"])), qtype=meta["qtype"],
-               block_size=meta["block_size"], axis=meta["axis"])
+               block_size=meta["block_size"],
+               axis=tuple(meta["axis"]) if isinstance(meta["axis"], list) else meta["axis"])  # JSON list
     try:
         return validate(q)
     except ValueError as e:

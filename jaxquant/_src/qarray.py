@@ -48,9 +48,15 @@ class QArray:
     None); ``shape``, ``dtype``, ``qtype``, ``block_size`` and ``axis`` are static, so a change of
     block size retraces. Build one with ``jaxquant.quantize``; ``validate`` checks the invariant.
 
-    To scan over stacked layers, quantize each layer and stack the QArrays leaf by leaf
-    (``jax.tree.map(lambda *a: jnp.stack(a), *qs)``): ``lax.scan`` then hands each step one layer's
-    QArray, whose metadata is the single layer's.
+    ``axis`` may be a tuple of contiguous axes: they are merged into one block axis, stored
+    exactly as the array reshaped to merge them would be (``layout.py``; an attention output
+    kernel ``(heads, head_dim, features)`` along ``(0, 1)``).
+
+    Stacked layers: the leaves may carry the same extra leading dimensions (the nested offset has
+    exactly those), the metadata describing one layer. Quantize each layer and stack the QArrays
+    leaf by leaf (``jax.tree.map(lambda *a: jnp.stack(a), *qs)``, or ``quantize_tree`` with a
+    ``Layout(stack=1)``): ``lax.scan`` / ``nn.scan`` / ``nnx.scan`` then hand each step one
+    layer's QArray; ``dequantize`` maps over the layers.
     """
 
     codes: jax.Array
