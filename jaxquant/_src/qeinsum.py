@@ -73,7 +73,7 @@ def qeinsum(spec: str, x: jax.Array, q: QArray, dtype, *, implementation: str = 
     x_spec, w_spec, out = parse(spec)
     x_kept, contracted, w_kept = form
     sizes = dict(zip(x_spec, x.shape))
-    xt = jnp.einsum(f"{x_spec}->{x_kept}{contracted}", x)  # a transpose (none for Dense)
+    xt = x if x_spec == x_kept + contracted else jnp.einsum(f"{x_spec}->{x_kept}{contracted}", x)
     xt = xt.reshape(*xt.shape[:len(x_kept)], math.prod(sizes[c] for c in contracted))
     y = qmatmul(xt, layout.as_matrix(q), implementation=implementation, compute_dtype=dtype)
     kept = dict(zip(w_spec, q.shape))
