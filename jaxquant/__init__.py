@@ -10,6 +10,7 @@ from jaxquant._src.memory import bits_per_param, memory_table, nbytes, num_param
 from jaxquant._src.qarray import QArray, validate
 from jaxquant._src.quantize import QuantConfig, dequantize, dequantize_into, quantize, unpack_codes
 from jaxquant._src.sharding import qarray_sharding
+from jaxquant import lora
 from jaxquant._src.tree import (Policy, PolicyError, Rule, dequantize_tree, format_report,
                                 memory_report, quantize_tree)
 
