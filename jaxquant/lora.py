@@ -7,16 +7,16 @@
         y = jq.flax.apply(model, qparams, x)
     model = jq.lora.add_lora(nnx_model, rank=16, alpha=32.0)        # NNX: nnx.LoRAParam adapters
 
-The Flax parts (``intercept``, ``add_lora``, ``LoRA``) load Flax on first use.
+The Flax parts (``apply``, ``intercept``, ``add_lora``, ``LoRA``) load Flax on first use.
 """
 
 from jaxquant._src.lora import (Adapter, AdapterError, check_adapters, delta, init, lora_matmul,
                                 matrix_shape, merge)
 from jaxquant._src.lora_io import from_peft, load, peft_module_name, save, to_peft
 
-_FLAX = ("LoRA", "add_lora", "intercept")
+_FLAX = ("LoRA", "add_lora", "apply", "intercept")
 
-__all__ = ["Adapter", "AdapterError", "LoRA", "add_lora", "check_adapters", "delta", "from_peft",
+__all__ = ["Adapter", "AdapterError", "LoRA", "add_lora", "apply", "check_adapters", "delta", "from_peft",
            "init", "intercept", "load", "lora_matmul", "matrix_shape", "merge", "peft_module_name",
            "save", "to_peft"]
 

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxquant._src.lora import DEFAULT_PATTERN, Adapter, AdapterError, delta, dropout, split_point
+from jaxquant._src.lora import (DEFAULT_PATTERN, Adapter, AdapterError, check_adapters, delta, dropout,
+                               split_point)
 from jaxquant._src.qarray import QArray
 
 
@@ -110,6 +111,36 @@ def intercept(adapters: dict[str, Adapter], *, rate: float = 0.0, rng: jax.Array
 
     with nn.intercept_methods(interceptor):
         yield used
+
+
+def apply(model: nn.Module, variables, *args, adapters: dict[str, Adapter], rate: float = 0.0,
+          rng: jax.Array | None = None, check: bool = True, **kwargs):
+    """``jaxquant.flax.apply(model, variables, *args, **kwargs)`` with the adapters added.
+
+    Jit-able; differentiate with respect to ``adapters`` only (the quantized base is a separate,
+    frozen argument). ``check=True`` also checks that the adapters fit the tree and that every
+    adapter was reached by a layer.
+
+    Raises:
+      AdapterError: adapters that do not fit the tree, or that no Dense/DenseGeneral/Einsum
+        layer of the model uses.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxquant as jq
+      >>> model = nn.Dense(256)
+      >>> qparams = jq.quantize_tree(model.init(jax.random.key(0), jnp.ones((1, 512))))
+      >>> adapters = jq.lora.init(jax.random.key(1), qparams, rank=8)
+      >>> y = jq.lora.apply(model, qparams, jnp.ones((4, 512)), adapters=adapters)
+    """
+    from jaxquant._src.flax_linen import apply as quantized_apply
+    if check:
+        check_adapters(variables, adapters)
+    with intercept(adapters, rate=rate, rng=rng) as used:
+        out = quantized_apply(model, variables, *args, check=check, **kwargs)
+    if check and set(adapters) - used:
+        raise AdapterError(f"lora: no Dense/DenseGeneral/Einsum layer of the model uses the adapters "
+                           f"{sorted(set(adapters) - used)[:8]}")
+    return out
 
 
 # ---------------------------------------------------------------- NNX
