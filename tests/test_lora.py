@@ -327,3 +327,12 @@ def test_chunked_backward_equals_and_holds_one_chunk(rng):
     gx = jax.grad(lambda x: jnp.sum(qmatmul_chunked_grad(x, q, np.dtype(jnp.float32), 4) ** 2))(x)
     ref = jax.grad(lambda x: jnp.sum(jq.qmatmul(x, q, compute_dtype=jnp.float32) ** 2))(x)
     np.testing.assert_allclose(gx, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from jaxquant._src import lora, lora_flax, matmul_grad
+    with jax.numpy_dtype_promotion("standard"):
+        results = [doctest.testmod(m, verbose=False) for m in (lora, lora_flax, matmul_grad)]
+    assert all(r.attempted > 0 and r.failed == 0 for r in results), results
