@@ -14,6 +14,7 @@ from jaxquant._src.quantize import quantize
 from jaxquant._src.sharding import qarray_sharding
 from jaxquant._src.report import format_report, memory_report
 from jaxquant._src.tree import Layout, Policy, PolicyError, Rule, dequantize_tree, quantize_tree
+from jaxquant import lora
 
 __all__ = [
     "CheckpointError",

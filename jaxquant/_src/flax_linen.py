@@ -16,11 +16,13 @@ axes stack scanned layers, for ``quantize_tree(params, layouts=...)``.
 
 from __future__ import annotations
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxquant._src import layout
+from jaxquant._src import layout, lora_flax
 from jaxquant._src.dequantize import block_scale, dequantize
 from jaxquant._src.qarray import QArray
 from jaxquant._src.qeinsum import contracted_axes, matrix_form, parse, qeinsum
@@ -236,9 +238,10 @@ def _check_tree(model: nn.Module, variables, args, kwargs, method, rngs):
 
 
 def apply(model: nn.Module, variables, *args, rngs=None, mutable=False, method=None,
-          check: bool = True, **kwargs):
+          check: bool = True, lora: dict | None = None, lora_rate: float = 0.0,
+          lora_rng: jax.Array | None = None, **kwargs):
     """``model.apply(variables, *args, rngs=, mutable=, method=, **kwargs)`` with QArrays among
-    the params.
+    the params, and with ``lora`` adapters added to the layers they name.
 
     Gives what ``model.apply(jaxquant.dequantize_tree(variables), ...)`` gives (within the compute
     dtype's tolerance) without materializing full-precision copies of all weights; returns what
@@ -246,13 +249,45 @@ def apply(model: nn.Module, variables, *args, rngs=None, mutable=False, method=N
     compares the tree with the model's own (an abstract ``model.init`` with the same arguments,
     no allocation) and names the first mismatching path.
 
+    ``lora``: adapters from ``jaxquant.lora.init`` (QLoRA, arXiv 2305.14314): every Dense,
+    DenseGeneral or Einsum with one returns ``base(x) + (alpha / r) * (dropout(x) @ a) @ b``
+    (``jaxquant.lora.intercept``); differentiate with respect to them only, the quantized base
+    being a separate, frozen argument. ``lora_rate`` > 0 with a ``lora_rng`` drops adapter
+    inputs. With ``check``, the adapters must fit the tree and every one must be used.
+
+    Raises:
+      ValueError: the tree does not match the model. ``jaxquant.lora.AdapterError``: adapters
+        that do not fit the tree, or that no layer uses.
+
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxquant as jq
       >>> model = nn.Dense(256)
-      >>> params = model.init(jax.random.key(0), jnp.ones((1, 512)))
-      >>> y = jq.flax.apply(model, jq.quantize_tree(params), jnp.ones((4, 512)))
+      >>> qparams = jq.quantize_tree(model.init(jax.random.key(0), jnp.ones((1, 512))))
+      >>> y = jq.flax.apply(model, qparams, jnp.ones((4, 512)))
+      >>> adapters = jq.lora.init(jax.random.key(1), qparams, rank=8)
+      >>> y2 = jq.flax.apply(model, qparams, jnp.ones((4, 512)), lora=adapters)
     """
     if check:
         _check_tree(model, variables, args, kwargs, method, rngs)
-    with nn.intercept_methods(_interceptor):
-        return model.apply(variables, *args, rngs=rngs, mutable=mutable, method=method, **kwargs)
+    with contextlib.ExitStack() as stack:
+        if lora is not None:  # outside ours: the adapter adds to the quantized layer's output
+            stack.enter_context(lora_flax.adapted(variables, lora, rate=lora_rate, rng=lora_rng,
+                                                  check=check))
+        with nn.intercept_methods(_interceptor):
+            return model.apply(variables, *args, rngs=rngs, mutable=mutable, method=method, **kwargs)
+
+
+def lora_apply(model: nn.Module, variables, *args, adapters: dict, rate: float = 0.0,
+               rng: jax.Array | None = None, check: bool = True, **kwargs):
+    """``jaxquant.lora.apply``: ``apply(model, variables, *args, lora=adapters, lora_rate=rate,
+    lora_rng=rng, check=check, **kwargs)``.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxquant as jq
+      >>> model = nn.Dense(256)
+      >>> qparams = jq.quantize_tree(model.init(jax.random.key(0), jnp.ones((1, 512))))
+      >>> adapters = jq.lora.init(jax.random.key(1), qparams, rank=8)
+      >>> y = jq.lora.apply(model, qparams, jnp.ones((4, 512)), adapters=adapters)
+    """
+    return apply(model, variables, *args, lora=adapters, lora_rate=rate, lora_rng=rng, check=check,
+                 **kwargs)

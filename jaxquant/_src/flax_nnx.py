@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxquant._src import layout
+from jaxquant._src import layout, lora_flax
 from jaxquant._src.dequantize import dequantize
 from jaxquant._src.qarray import QArray
 from jaxquant._src.qeinsum import contracted_axes, matrix_form, parse, qeinsum
@@ -90,6 +90,8 @@ def _float_copy(module, base):
 def _call(self, *args, **kwargs):
     base = type(self).__mro__[1]
     kernel = getattr(self, "kernel", None)
+    if kwargs.get("out_sharding", 0) is None:  # nnx.MultiHeadAttention passes None: no constraint
+        kwargs = {k: v for k, v in kwargs.items() if k != "out_sharding"}
     if isinstance(kernel, QArray) and args and not kwargs:
         spec = _spec(self, args[0])
         if spec is not None and matrix_form(spec, kernel) is not None:
@@ -166,7 +168,8 @@ def _get(node, path):
     return node
 
 
-def quantize_module(module: nnx.Module, policy: Policy | None = None) -> nnx.Module:
+def quantize_module(module: nnx.Module, policy: Policy | None = None, *, lora_rank: int | None = None,
+                    lora_alpha: float = 32.0, lora_rngs: nnx.Rngs | None = None) -> nnx.Module:
     """Quantize the layers of an NNX module in place, by ``policy`` (as ``quantize_tree``).
 
     Covers ``nnx.Linear`` (-> ``QLinear``), ``nnx.LinearGeneral`` (and so
@@ -177,11 +180,19 @@ def quantize_module(module: nnx.Module, policy: Policy | None = None) -> nnx.Mod
     double quant and leaves the rest float: ``jaxquant.memory_report(module, policy=...)`` lists
     them with the reason. Returns ``module`` (updated).
 
+    ``lora_rank``: then wrap each quantized ``QLinear`` / ``LinearGeneral`` in ``jaxquant.lora.LoRA``
+    (``jaxquant.lora.add_lora``: ``nnx.LoRAParam`` adapters of that rank, scaled by
+    ``lora_alpha / lora_rank``), for QLoRA with ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
+
     Example:
       >>> from flax import nnx; import jax.numpy as jnp, jaxquant as jq
       >>> model = nnx.Sequential(nnx.Linear(256, 256, rngs=nnx.Rngs(0)))
       >>> model = jq.flax.quantize_module(model)
       >>> y = nnx.jit(lambda m, x: m(x))(model, jnp.ones((2, 256)))
+      >>> lora = jq.flax.quantize_module(nnx.Sequential(nnx.Linear(256, 256, rngs=nnx.Rngs(0))),
+      ...                                lora_rank=8, lora_alpha=16.0)
+      >>> lora.layers[0].lora_a.shape
+      (256, 8)
     """
     found = []
     for path, m in nnx.iter_modules(module):
@@ -208,4 +219,6 @@ def quantize_module(module: nnx.Module, policy: Policy | None = None) -> nnx.Mod
         delattr(m, name)
         object.__setattr__(m, "__class__", quantized_class(type(m)))
         setattr(m, name, q)
+    if lora_rank is not None:
+        lora_flax.add_lora(module, lora_rank, lora_alpha, rngs=lora_rngs)
     return module

@@ -142,10 +142,24 @@ def map_layers(fn, q, *args):
     return fn(q, *args)
 
 
+def matrix_shape(shape: tuple[int, ...], axis) -> tuple[int, int]:
+    """``(K, N)``: a kernel of ``shape`` blocked along ``axis`` as the matrix ``W[K, N]`` its layer
+    multiplies by. K is the product of the axes up to and including the last block axis (a
+    kernel is quantized along its contraction, which leads: an attention output projection
+    ``(heads, head_dim, features)`` along ``(0, 1)``, or along ``head_dim`` alone, gives
+    ``K = heads * head_dim``), N the product of the rest; with no block axis, or blocks along
+    the last one, K is the first axis.
+    """
+    axes = axes_of(axis)
+    split = axes[-1] + 1 if axes and axes[-1] < len(shape) - 1 else 1
+    return math.prod(shape[:split]), math.prod(shape[split:])
+
+
 def as_matrix(q):
     """A one-layer ``q`` viewed as the 2-D weight ``W[K, N]`` quantized along axis 0: K is the
-    (merged) block axis, N the product of the other axes in order. The stored rows are already
-    ``(rest..., K)`` wherever the block axes lie, so only shapes change."""
+    (merged) block axis, N the product of the other axes in order (so ``(K, N)`` is
+    ``matrix_shape`` when the block axes lead and leave the last axis out). The stored rows are
+    already ``(rest..., K)`` wherever the block axes lie, so only shapes change."""
     if q.ndim == 2 and q.axis == 0:
         return q
     if q.axis is None:
