@@ -12,11 +12,13 @@ from jaxquant._src.config import QuantConfig
 from jaxquant._src.dequantize import dequantize, dequantize_into, unpack_codes
 from jaxquant._src.quantize import quantize
 from jaxquant._src.sharding import qarray_sharding
-from jaxquant._src.tree import (Policy, PolicyError, Rule, dequantize_tree, format_report,
-                                memory_report, quantize_tree)
+from jaxquant._src.report import format_report, memory_report
+from jaxquant._src.tree import Layout, Policy, PolicyError, Rule, dequantize_tree, quantize_tree
+from jaxquant import lora
 
 __all__ = [
     "CheckpointError",
+    "Layout",
     "Policy",
     "PolicyError",
     "QTYPES",

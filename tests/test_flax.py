@@ -71,20 +71,6 @@ def test_jit_does_not_materialize_all_float_weights():
     assert temp < float_weights / 2, (temp, float_weights)
 
 
-def test_module_without_quantized_support_names_path(model_and_params):
-    class Conv(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Conv(64, (3,), name="conv")(x)
-
-    model = Conv()
-    x = jnp.ones((1, 16, 64))
-    params = model.init(jax.random.key(0), x)
-    q = jq.quantize_tree(params, jq.Policy(rules=(jq.Rule("kernel", axis=1, block_size=64),), min_size=1))
-    with pytest.raises(NotImplementedError, match="Conv at conv owns quantized params"):
-        jq.flax.apply(model, q, x)
-
-
 def test_mismatched_tree_names_the_path(model_and_params):
     model, params, ids = model_and_params
     q = jq.quantize_tree(params, POLICY)

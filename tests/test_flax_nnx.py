@@ -46,9 +46,31 @@ def test_quantize_module_matches_dequantized_module():
     assert isinstance(nnx.merge(graphdef, state).layers[0].kernel, jq.QArray)
 
 
-def test_policy_paths_and_bad_axis():
+def test_policy_paths_and_other_axes():
     model = MLP(nnx.Rngs(0))
     jq.flax.quantize_module(model, jq.Policy(rules=(jq.Rule(r"layers/1/kernel$", "int8", 128),)))
     assert isinstance(model.layers[0], nnx.Linear) and model.layers[1].kernel.qtype == "int8"
-    with pytest.raises(ValueError, match="must be quantized along axis 0"):
-        jq.flax.quantize_module(MLP(nnx.Rngs(0)), jq.Policy(rules=(jq.Rule("layers/0", axis=1),)))
+    # blocks along the output axis: no qmatmul, the layer's own code on the dequantized kernel
+    model = MLP(nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (3, 5)))
+    jq.flax.quantize_module(model, jq.Policy(rules=(jq.Rule("layers/0", axis=1),)))
+    assert type(model.layers[0]).__name__ == "QuantizedLinear" and model.layers[0].kernel.axis == 1
+    ref = nnx.clone(model)
+    ref.layers[0] = nnx.Linear(128, 256, rngs=nnx.Rngs(0))
+    ref.layers[0].kernel[...] = jq.dequantize(model.layers[0].kernel)
+    ref.layers[0].bias[...] = model.layers[0].bias[...]
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, ids), ref(ids), rtol=2e-5, atol=2e-5)
+
+
+def test_nbytes_and_report_on_modules_and_states():
+    model = MLP(nnx.Rngs(0))
+    float_state = nnx.clone(nnx.state(model))
+    jq.flax.quantize_module(model)
+    assert jq.nbytes(model) == jq.nbytes(nnx.state(model)) < jq.nbytes(float_state)
+    rows = {r["path"]: r for r in jq.memory_report(float_state, nnx.state(model))}
+    assert rows["layers/0/kernel"]["qtype"] == "quantized"
+    assert rows["layers/0/kernel"]["bytes_after"] == jq.nbytes(model.layers[0].kernel)
+    rows = {r["path"]: r for r in jq.memory_report(model)}
+    assert rows["layers/0/kernel"]["qtype"] == "nf4" and rows["layers/0/kernel"]["bytes_before"] == 128 * 256 * 4
+    assert rows["head/kernel"]["why"] == "under min_size 4096"
+    assert rows["embed/embedding"]["why"] == "no rule matches"

@@ -66,6 +66,56 @@ def test_rule_matching_nothing_warns_or_raises(rng):
         jq.quantize_tree(tree(rng), jq.Policy(rules=policy.rules, strict=True))
 
 
+def test_default_policy_leaves_what_it_cannot_quantize_with_the_reason(rng):
+    params = {"conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 30, 64)), jnp.float32)},
+              "mnist": {"kernel": jnp.asarray(rng.standard_normal((784, 64)), jnp.float32)},
+              "ints": {"kernel": jnp.ones((128, 128), jnp.int32)}}
+    q = jq.quantize_tree(params)
+    assert q["mnist"]["kernel"].axis == 0  # 784 = 12 blocks of 64 and a partial one of 16
+    err = jq.dequantize(q["mnist"]["kernel"]) - params["mnist"]["kernel"]
+    assert 0.05 < float(jnp.linalg.norm(err) / jnp.linalg.norm(params["mnist"]["kernel"])) < 0.12
+    assert q["conv"]["kernel"].axis == (0, 1, 2)  # kh * kw * cin = 270: a partial last block too
+    assert not isinstance(q["ints"]["kernel"], jq.QArray)
+    rows = {r["path"]: r for r in jq.memory_report(params, q)}
+    assert rows["ints/kernel"]["why"] == "dtype int32 is not floating"
+    assert "ints/kernel" in jq.format_report(list(rows.values()))
+
+
+def test_policy_error_lists_every_offending_leaf(rng):
+    params = {"a": {"kernel": jnp.ones((96, 64))}, "b": {"kernel": jnp.ones((80, 64))},
+              "c": {"kernel": jnp.ones((128, 64))}}
+    with pytest.raises(jq.PolicyError, match=r"2 parameter\(s\)(.|\n)*'a/kernel' \(96, 64\)(.|\n)*"
+                                             r"'b/kernel' \(80, 64\)"):
+        jq.quantize_tree(params, jq.Policy(rules=(jq.Rule(r"kernel$", axis=0),), min_size=1))
+
+
+def test_layouts_give_contraction_and_stack_axes(rng):
+    w = jnp.asarray(rng.standard_normal((3, 4, 32, 128)), jnp.float32)  # 3 layers of (h, d, F)
+    layouts = {"out/kernel": jq.Layout((0, 1), stack=1)}
+    q = jq.quantize_tree({"out": {"kernel": w}}, layouts=layouts)["out"]["kernel"]
+    assert q.shape == (4, 32, 128) and q.axis == (0, 1) and q.codes.shape == (3, 128, 64)
+    assert q.scale.offset.shape == (3,) and jq.num_params(q) == w.size
+    for i in range(3):  # layer i is the quantization of w[i] alone
+        one = jq.quantize(w[i], "nf4", 64, axis=(0, 1), double_quant=True)
+        layer = jax.tree.map(lambda a: a[i], q)
+        for a, b in zip(jax.tree.leaves(layer), jax.tree.leaves(one)):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jq.dequantize(q)[1], jq.dequantize(one if i == 1 else
+                                  jq.quantize(w[1], "nf4", 64, axis=(0, 1), double_quant=True)))
+
+
+def test_merged_axes_are_the_reshaped_arrays_bytes(rng):
+    w = jnp.asarray(rng.standard_normal((4, 32, 96)), jnp.float32)
+    q = jq.quantize(w, "nf4", 64, axis=(0, 1), double_quant=True)
+    flat = jq.quantize(w.reshape(128, 96), "nf4", 64, axis=0, double_quant=True)
+    for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(flat)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jq.dequantize(q), jq.dequantize(flat).reshape(4, 32, 96))
+    np.testing.assert_array_equal(jq.unpack_codes(q), jq.unpack_codes(flat).reshape(4, 32, 96))
+    with pytest.raises(ValueError, match="contiguous"):
+        jq.quantize(w, "nf4", 64, axis=(0, 2))
+
+
 def test_unquantizable_params_name_path_and_reason(rng):
     with pytest.raises(jq.PolicyError, match=r"params/dense/kernel.*not a multiple of block_size 96"):
         jq.quantize_tree(tree(rng), jq.Policy(rules=(jq.Rule(r"dense/kernel$", block_size=96),)))
@@ -117,3 +167,12 @@ def test_donate_keeps_an_array_that_another_leaf_still_uses(rng):
     policy = jq.Policy(rules=(jq.Rule(r"^kept/", qtype=None), jq.Rule(r"kernel$")))
     q = jq.quantize_tree({"kept": {"kernel": w}, "quant": {"kernel": w}}, policy, donate=True)
     assert not w.is_deleted() and q["kept"]["kernel"] is w
+
+
+def test_merged_and_stacked_qarrays_save_and_load(rng, tmp_path):
+    w = jnp.asarray(rng.standard_normal((2, 4, 32, 128)), jnp.float32)
+    q = jq.quantize_tree({"kernel": w}, layouts={"kernel": jq.Layout((0, 1), stack=1)})
+    jq.save(tmp_path / "m.safetensors", q)
+    back = jq.load(tmp_path / "m.safetensors", jax.eval_shape(lambda: q))["kernel"]
+    assert back.axis == (0, 1) and back.codes.shape == (2, 128, 64)
+    np.testing.assert_array_equal(jq.dequantize(back), jq.dequantize(q["kernel"]))

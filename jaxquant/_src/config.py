@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxquant._src import codebooks
+from jaxquant._src import codebooks, layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +15,7 @@ class QuantConfig:
 
     qtype: str = "nf4"
     block_size: int | None = 64
-    axis: int | None = None
+    axis: int | tuple[int, ...] | None = None
     zero_point: bool = False
     double_quant: bool = False
     nested_block_size: int = 256
@@ -33,12 +33,7 @@ class QuantConfig:
         if self.zero_point and not qt.is_integer:
             raise ValueError(f"zero_point=True needs an integer qtype ('int4' or 'int8'), got "
                              f"qtype={self.qtype!r}: table types are symmetric by construction")
-        axis = self.axis
-        if axis is not None:
-            if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
-                raise ValueError(f"axis must be None or an int in [{-ndim}, {ndim}) for a "
-                                 f"{ndim}-d array, got axis={axis!r}")
-            axis = int(axis) % ndim
+        axis = layout.normalize_axis(self.axis, ndim)  # a tuple: contiguous axes, merged
         bs = None if self.block_size is None else int(self.block_size)
         return dataclasses.replace(self, axis=axis, block_size=bs,
                                    nested_block_size=int(self.nested_block_size))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant._src import codebooks
+from jaxquant._src import codebooks, layout
 from jaxquant._src.layout import from_rows, to_blocks, unpack_rows
 from jaxquant._src.qarray import QArray, blocked_shape, validate
 
@@ -107,7 +107,10 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
       ((256, 128), dtype('float32'))
     """
     validate(q)
-    return dequantize_array(q, np.dtype(q.dtype if dtype is None else dtype))
+    dtype = np.dtype(q.dtype if dtype is None else dtype)
+    if layout.stack_ndim(q):  # stacked layers: one layer at a time (layout.py)
+        return layout.map_layers(dequantize_array, q, dtype)
+    return dequantize_array(q, dtype)
 
 
 @functools.partial(jax.jit, donate_argnums=(1,))
@@ -152,6 +155,8 @@ def unpack_codes(q: QArray) -> jax.Array:
     uint8 indices into their table.
     """
     validate(q)
+    if layout.stack_ndim(q):
+        return layout.map_layers(unpack_codes, q)
     qt = codebooks.get_qtype(q.qtype)
     _, length = blocked_shape(q.shape, q.axis)
     raw = unpack_rows(q.codes, length) if qt.bits == 4 else q.codes

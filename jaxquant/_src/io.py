@@ -66,9 +66,16 @@ def _parts(name: str) -> list[str]:
             for p in name.split("/")]
 
 
+def _axis_json(axis):
+    """None, an int, or a merged axes tuple as a JSON list (``_build`` turns it back)."""
+    if axis is None:
+        return None
+    return [int(a) for a in axis] if isinstance(axis, tuple) else int(axis)
+
+
 def _describe(q: QArray) -> dict:
     meta = dict(shape=[int(d) for d in q.shape], dtype=np.dtype(q.dtype).name, qtype=q.qtype,
-                block_size=int(q.block_size), axis=None if q.axis is None else int(q.axis),
+                block_size=int(q.block_size), axis=_axis_json(q.axis),
                 zero_point=q.zero_point is not None, offset=q.offset is not None)
     if isinstance(q.scale, QArray):
         meta["scale"] = _describe(q.scale)
@@ -205,7 +212,8 @@ def _build(meta: dict, name: str, tensors: dict, file) -> QArray:
                _take(tensors, f"{name}::zero_point", file) if meta["zero_point"] else None,
                _take(tensors, f"{name}::offset", file) if meta["offset"] else None,
                shape=tuple(meta["shape"]), dtype=np.dtype(jnp.dtype(meta["dtype"])), qtype=meta["qtype"],
-               block_size=meta["block_size"], axis=meta["axis"])
+               block_size=meta["block_size"],
+               axis=tuple(meta["axis"]) if isinstance(meta["axis"], list) else meta["axis"])  # JSON list
     try:
         return validate(q)
     except ValueError as e:

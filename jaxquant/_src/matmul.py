@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant._src.kernels import dispatch, platform
-from jaxquant._src.matmul_xla import qmatmul_xla, qmatmul_xla_grad_x
+from jaxquant._src.matmul_grad import matmul_transposed
+from jaxquant._src.matmul_xla import qmatmul_xla
 from jaxquant._src.qarray import QArray, validate
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
@@ -73,8 +74,9 @@ def _qmatmul_fwd(x, q, implementation, interpret, compute_dtype):
 
 
 def _qmatmul_bwd(implementation, interpret, compute_dtype, q, g):
-    # dL/dx = g @ W^T, through the XLA path: the weights are dequantized once in compute dtype.
-    return qmatmul_xla_grad_x(g, q, compute_dtype), _zero_cotangent(q)
+    # dL/dx = g @ W^T, one K-chunk of W decoded at a time and tied to g (matmul_grad.py): a
+    # training step then holds one layer's weight in compute dtype, not every layer's at once.
+    return matmul_transposed(g, q, compute_dtype), _zero_cotangent(q)
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)

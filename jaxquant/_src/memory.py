@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant._src import layout
 from jaxquant._src.qarray import QArray
 from jaxquant._src.quantize import quantize
 
@@ -23,15 +24,18 @@ def _leaf_bytes(leaf) -> int:
 def nbytes(tree) -> int:
     """Bytes stored by a QArray, array or pytree of them: codes, constants, nested constants.
 
-    Works on abstract trees (``jax.ShapeDtypeStruct`` leaves from ``jax.eval_shape``) too.
+    Works on abstract trees (``jax.ShapeDtypeStruct`` leaves from ``jax.eval_shape``), NNX states
+    and NNX modules (pytrees in Flax >= 0.11) too.
     """
     return sum(_leaf_bytes(leaf) for leaf in jax.tree.leaves(tree))
 
 
 def num_params(tree) -> int:
-    """Logical parameters: a QArray counts the elements of the array it stands for."""
+    """Logical parameters: a QArray counts the elements of the array it stands for (every layer
+    of a stacked one). Works on NNX states and modules (they are pytrees)."""
     leaves = jax.tree.leaves(tree, is_leaf=lambda t: isinstance(t, QArray))
-    return sum(math.prod(leaf.shape) for leaf in leaves)
+    return sum(math.prod(leaf.shape) * (math.prod(layout.stack_shape(leaf)) if isinstance(leaf, QArray)
+                                        else 1) for leaf in leaves)
 
 
 def bits_per_param(tree) -> float:

@@ -11,19 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant._src import codebooks
+from jaxquant._src import codebooks, layout
 
 
 def blocked_shape(shape: tuple[int, ...], axis: int | None) -> tuple[tuple[int, ...], int]:
     """``(rest, L)``: the array viewed as rows of length ``L`` whose runs of ``block_size`` are blocks.
 
     ``axis=None`` is bitsandbytes' view, the whole row-major flattening as one row (``rest=()``);
-    ``axis=k`` moves axis k last, so each row is one line of elements along axis k.
+    ``axis=k`` moves axis k last, so each row is one line of elements along axis k; a tuple of
+    contiguous axes is merged into one such axis (``layout.py``).
     """
-    if axis is None:
-        return (), math.prod(shape)
-    rest = tuple(d for i, d in enumerate(shape) if i != axis)
-    return rest, shape[axis]
+    return layout.rows_shape(shape, axis)
 
 
 @jax.tree_util.register_dataclass
@@ -51,9 +49,15 @@ class QArray:
     None); ``shape``, ``dtype``, ``qtype``, ``block_size`` and ``axis`` are static, so a change of
     block size retraces. Build one with ``jaxquant.quantize``; ``validate`` checks the invariant.
 
-    To scan over stacked layers, quantize each layer and stack the QArrays leaf by leaf
-    (``jax.tree.map(lambda *a: jnp.stack(a), *qs)``): ``lax.scan`` then hands each step one layer's
-    QArray, whose metadata is the single layer's.
+    ``axis`` may be a tuple of contiguous axes: they are merged into one block axis, stored
+    exactly as the array reshaped to merge them would be (``layout.py``; an attention output
+    kernel ``(heads, head_dim, features)`` along ``(0, 1)``).
+
+    Stacked layers: the leaves may carry the same extra leading dimensions (the nested offset has
+    exactly those), the metadata describing one layer. Quantize each layer and stack the QArrays
+    leaf by leaf (``jax.tree.map(lambda *a: jnp.stack(a), *qs)``, or ``quantize_tree`` with a
+    ``Layout(stack=1)``): ``lax.scan`` / ``nn.scan`` / ``nnx.scan`` then hand each step one
+    layer's QArray; ``dequantize`` maps over the layers.
     """
 
     codes: jax.Array
@@ -64,7 +68,7 @@ class QArray:
     dtype: Any = dataclasses.field(default=np.dtype(np.float32), metadata=dict(static=True))
     qtype: str = dataclasses.field(default="nf4", metadata=dict(static=True))
     block_size: int = dataclasses.field(default=64, metadata=dict(static=True))
-    axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    axis: int | tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def ndim(self) -> int:
@@ -87,6 +91,14 @@ class QArray:
         extra += ", double_quant=True" if self.double_quant else ""
         return (f"QArray(shape={self.shape}, dtype={np.dtype(self.dtype).name}, qtype={self.qtype!r}, "
                 f"block_size={self.block_size}, axis={self.axis}{extra})")
+
+
+def _axis_ok(axis, ndim: int) -> bool:
+    """None, an axis in range, or a normalized tuple of >= 2 contiguous axes (layout.py)."""
+    try:
+        return layout.normalize_axis(axis, ndim) == axis
+    except ValueError:
+        return False
 
 
 def _expect(cond: bool, message: str) -> None:
@@ -125,8 +137,7 @@ def validate(q: QArray) -> QArray:
     except TypeError:
         floating = False
     _expect(floating, f"dtype={q.dtype!r} is not floating")
-    _expect(q.axis is None or _is_int(q.axis) and 0 <= q.axis < len(q.shape),
-            f"axis={q.axis!r} for shape={q.shape}")
+    _expect(_axis_ok(q.axis, len(q.shape)), f"axis={q.axis!r} for shape={q.shape}")
     for field in ("codes", "scale"):
         _expect(_is_array(getattr(q, field)), f"{field} is {type(getattr(q, field)).__name__}, not an array")
     for field in ("zero_point", "offset"):
@@ -135,25 +146,30 @@ def validate(q: QArray) -> QArray:
     rest, length = blocked_shape(q.shape, q.axis)
     row_codes = -(-length // 2) if qt.bits == 4 else length
     nb = -(-length // q.block_size)
-    _expect(tuple(q.codes.shape) == (*rest, row_codes) and q.codes.dtype == jnp.uint8,
+    # leading stack dimensions (layout.py): the same on every leaf, the metadata is one layer's
+    stack = tuple(q.codes.shape[:max(len(q.codes.shape) - len(rest) - 1, 0)])
+    _expect(tuple(q.codes.shape) == (*stack, *rest, row_codes) and q.codes.dtype == jnp.uint8,
             f"codes {q.codes.dtype}{tuple(q.codes.shape)}, expected uint8{(*rest, row_codes)} "
             f"for shape={q.shape} axis={q.axis} qtype={q.qtype}")
     if isinstance(q.scale, QArray):
         validate(q.scale)
-        # quantize's double quantization: flat dynamic8 blocks of float32 constants, one level deep
+        # quantize's double quantization: flat dynamic8 blocks of float32 constants, one level deep,
+        # its offset one scalar per layer of a stack
         _expect(q.scale.shape == (*rest, nb) and q.scale.offset is not None
+                and tuple(q.scale.offset.shape) == stack
                 and q.scale.qtype == "dynamic8" and q.scale.axis is None and q.scale.zero_point is None
                 and not isinstance(q.scale.scale, QArray) and np.dtype(q.scale.dtype) == np.float32,
                 f"nested scale {q.scale!r}, expected a float32 dynamic8 QArray of shape {(*rest, nb)}, "
-                f"axis=None, with an offset")
+                f"axis=None, with an offset of shape {stack}")
     else:
-        _expect(tuple(q.scale.shape) == (*rest, nb) and q.scale.dtype == jnp.float32,
-                f"scale {q.scale.dtype}{tuple(q.scale.shape)}, expected float32{(*rest, nb)}")
+        _expect(tuple(q.scale.shape) == (*stack, *rest, nb) and q.scale.dtype == jnp.float32,
+                f"scale {q.scale.dtype}{tuple(q.scale.shape)}, expected float32{(*stack, *rest, nb)}")
     if q.zero_point is not None:
         _expect(qt.is_integer, f"zero_point given for table qtype {q.qtype!r}")
-        _expect(tuple(q.zero_point.shape) == (*rest, nb) and q.zero_point.dtype == jnp.int8,
-                f"zero_point {q.zero_point.dtype}{tuple(q.zero_point.shape)}, expected int8{(*rest, nb)}")
+        _expect(tuple(q.zero_point.shape) == (*stack, *rest, nb) and q.zero_point.dtype == jnp.int8,
+                f"zero_point {q.zero_point.dtype}{tuple(q.zero_point.shape)}, expected "
+                f"int8{(*stack, *rest, nb)}")
     if q.offset is not None:
-        _expect(tuple(q.offset.shape) == () and q.offset.dtype == jnp.float32,
-                f"offset {q.offset.dtype}{tuple(q.offset.shape)}, expected a float32 scalar")
+        _expect(tuple(q.offset.shape) == stack and q.offset.dtype == jnp.float32,
+                f"offset {q.offset.dtype}{tuple(q.offset.shape)}, expected float32{stack}")
     return q

@@ -8,12 +8,14 @@ the rows) and checks the input at the boundary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant._src import layout
 from jaxquant._src.config import QuantConfig
 from jaxquant._src.encode import quantize_in_place, quantize_rows
 from jaxquant._src.kernels import platform, quantize_mgpu
@@ -30,6 +32,10 @@ def _check_dtype(x) -> None:
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def quantize_array(x: jax.Array, cfg: QuantConfig) -> QArray:
     """``quantize`` for a float ``x`` and a validated ``cfg`` (``QuantConfig.validated``), jitted."""
+    if isinstance(cfg.axis, tuple):  # merged axes: stored as the merged array's (layout.py)
+        shape, axis = layout.merge(x.shape, cfg.axis)
+        q = quantize_array(x.reshape(shape), dataclasses.replace(cfg, axis=axis))
+        return dataclasses.replace(q, shape=tuple(x.shape), axis=cfg.axis)
     rest, length = blocked_shape(x.shape, cfg.axis)
     block_size = cfg.block_size or max(length, 1)
     xla_path = functools.partial(quantize_rows, cfg=cfg, block_size=block_size)

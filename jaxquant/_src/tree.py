@@ -1,11 +1,13 @@
-"""Quantize whole parameter trees by policy, and report what it did.
+"""Quantize whole parameter trees by policy.
 
 A *policy* is an ordered list of ``Rule``s: the first rule whose regex matches a parameter's path
 (its keys joined by ``/``, e.g. ``params/layers_0/mlp/kernel``) decides how that parameter is
 quantized, or that it is left alone (``qtype=None``). Parameters no rule matches are left alone.
-The default policy quantizes matmul kernels (leaves named ``kernel``) to NF4 + double quant with
-blocks along their contraction axis (axis 0 in Flax's ``(in, ..., out)`` layout); embeddings,
-norm scales, biases and anything under ``min_size`` elements stay as they are.
+The default policy quantizes matmul and conv kernels (leaves named ``kernel``) to NF4 + double
+quant with blocks along their contraction axes (``Layout``: what the owning module contracts, or
+inferred from the shape); embeddings, norm scales, biases and anything under ``min_size``
+elements stay as they are, and so does a kernel it cannot quantize, with the reason in
+``plan`` / ``memory_report`` instead of an error.
 """
 
 from __future__ import annotations
@@ -22,30 +24,62 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxquant._src import layout as layout_lib
 from jaxquant._src.config import QuantConfig
 from jaxquant._src.dequantize import dequantize
-from jaxquant._src.memory import nbytes
 from jaxquant._src.qarray import QArray
 from jaxquant._src.quantize import quantize_array
+
+CONTRACTION = "contraction"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What the module owning a parameter says about it (``jaxquant.flax.layouts`` builds these).
+
+    Attributes:
+      axis: the axes one layer's weight is contracted over (Dense ``0``; DenseGeneral its input
+        axes; Einsum its equation's; Conv ``(0, .., ndim-2)``); None when it is no matmul weight.
+      stack: leading stack dimensions (``nn.scan`` / ``nnx.scan`` / ``nnx.vmap`` layers).
+      module: the owning module's type, for reports.
+      why_not: non-empty: the default policy leaves it float, for this reason.
+    """
+
+    axis: int | tuple[int, ...] | None
+    stack: int = 0
+    module: str = ""
+    why_not: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """How to quantize the parameters whose path matches ``pattern`` (``re.search``).
 
-    ``qtype=None`` leaves them alone. ``axis`` is the block axis (the contraction axis of a
-    kernel); ``block_size`` must divide that axis unless ``allow_partial_blocks``.
+    ``qtype=None`` leaves them alone. ``axis`` is the block axis, or a tuple of contiguous axes
+    merged into one; ``"contraction"`` takes the contraction axes of the owning module (its
+    ``Layout``), or without one the shortest run of leading axes whose product is a multiple of
+    ``block_size`` (all but the last axis if none is). ``block_size`` must divide that length
+    unless ``allow_partial_blocks``. ``required=False`` leaves a parameter this rule cannot
+    quantize as it is (``plan`` says why) instead of raising ``PolicyError``.
     """
 
     pattern: str
     qtype: str | None = "nf4"
     block_size: int | None = 64
-    axis: int | None = 0
+    axis: int | tuple[int, ...] | str | None = CONTRACTION
     double_quant: bool = True
     zero_point: bool = False
     allow_partial_blocks: bool = False
+    required: bool = True
 
     def __post_init__(self):
+        is_int = lambda a: isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+        if isinstance(self.axis, list):  # hashable, as a rule must be
+            object.__setattr__(self, "axis", tuple(self.axis))
+        if not (self.axis is None or self.axis == CONTRACTION or is_int(self.axis)
+                or isinstance(self.axis, tuple) and all(map(is_int, self.axis))):
+            raise TypeError(f"Rule axis must be None, an int, a tuple of ints or {CONTRACTION!r}, "
+                            f"got axis={self.axis!r}")
         if isinstance(self.pattern, re.Pattern):
             return
         if not isinstance(self.pattern, str):
@@ -55,9 +89,14 @@ class Rule:
         except re.error as e:
             raise ValueError(f"Rule pattern {self.pattern!r} is not a valid regular expression: {e}") from None
 
-    def config(self, ndim: int) -> QuantConfig:
-        return QuantConfig(self.qtype, self.block_size, self.axis, self.zero_point,
+    def config(self, ndim: int, axis=None) -> QuantConfig:
+        """The config for one ``ndim``-d layer; ``axis`` stands in for ``"contraction"``."""
+        axis = self.axis if axis is None and self.axis != CONTRACTION else axis
+        return QuantConfig(self.qtype, self.block_size, axis, self.zero_point,
                            self.double_quant).validated(ndim)
+
+
+DEFAULT_RULES = (Rule(r"(^|/)kernel$", allow_partial_blocks=True, required=False),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +112,7 @@ class Policy:
       strict: a rule that matches no parameter raises instead of warning.
     """
 
-    rules: tuple[Rule, ...] = (Rule(r"(^|/)kernel$"),)
+    rules: tuple[Rule, ...] = DEFAULT_RULES
     min_size: int = 4096
     predicate: Callable[[str, Any], bool] | None = None
     strict: bool = False
@@ -98,7 +137,12 @@ class PolicyError(ValueError):
 
 
 def path_str(path) -> str:
+    """A key path as ``a/b/0/kernel``; a last ``.value`` step (an NNX ``Variable``'s) is left
+    out, so an NNX state or module names a parameter as its attribute (``layers/0/kernel``)."""
     parts = []
+    path = tuple(path)
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in ("value", "raw_value"):
+        path = path[:-1]
     for key in path:
         for attr in ("key", "name", "idx"):
             if hasattr(key, attr):
@@ -109,30 +153,69 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
-def plan(params, policy: Policy | None = None) -> dict[str, Rule | None]:
-    """The rule each parameter path gets (None: left alone), checking every rule can apply.
+def is_qarray(x) -> bool:
+    return isinstance(x, QArray)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What ``plan`` decided for one parameter: ``config`` None leaves it as it is, for ``why``."""
+
+    config: QuantConfig | None
+    stack: int = 0
+    why: str = ""
+
+
+def infer_axis(shape: tuple[int, ...], block_size: int | None):
+    """Contraction axes of a kernel whose module is unknown: the shortest run of leading axes
+    whose product ``block_size`` divides (an attention output ``(heads, head_dim, features)``
+    gives ``(0, 1)``), else all but the last axis (Flax's ``(*in, out)`` conv layout)."""
+    if len(shape) < 2:
+        return None
+    for j in range(1, len(shape)):
+        if block_size is None or math.prod(shape[:j]) % block_size == 0:
+            return layout_lib.normalize_axis(tuple(range(j)), len(shape))
+    return layout_lib.normalize_axis(tuple(range(len(shape) - 1)), len(shape))
+
+
+def plan(params, policy: Policy | None = None, layouts: dict[str, Layout] | None = None
+         ) -> dict[str, Decision]:
+    """What ``quantize_tree`` does with each parameter (by path), checking every rule can apply.
 
     Raises:
-      PolicyError: a matched parameter is not a float array, or its block axis is out of range
-        or not a multiple of the block size; naming the path and the reason.
+      PolicyError: parameters a ``required`` rule matches but cannot quantize (not a float array,
+        block axis out of range or not a multiple of the block size), every one named with its
+        shape and reason.
     """
     policy = policy or Policy()
-    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]
-    used, decisions = set(), {}
+    layouts = layouts or {}
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]
+    used, decisions, errors = set(), {}, []
     for path, leaf in leaves:
         name = path_str(path)
         rule = next((r for r in policy.rules if re.search(r.pattern, name)), None)
         if rule is not None:
             used.add(rule)
-        if (rule is None or rule.qtype is None or isinstance(leaf, QArray)
-                or math.prod(leaf.shape) < policy.min_size
-                or (policy.predicate is not None and not policy.predicate(name, leaf))):
-            decisions[name] = None
+        why = _skip_reason(name, leaf, rule, policy)
+        if why is not None:
+            decisions[name] = Decision(None, why=why)
             continue
-        _check_quantizable(name, leaf, rule)
-        decisions[name] = rule
+        lay = layouts.get(name)
+        stack = lay.stack if lay is not None else 0
+        cfg, problem = _config(leaf, rule, lay, stack)
+        if problem is not None:
+            if rule.required:
+                errors.append(f"  {name!r} {tuple(leaf.shape)}: {problem}")
+            decisions[name] = Decision(None, why=problem)
+            continue
+        decisions[name] = Decision(cfg, stack)
+    if errors:
+        raise PolicyError(f"cannot quantize {len(errors)} parameter(s) as the policy's rules ask "
+                          f"(change the rule's block_size or axis, allow_partial_blocks=True, "
+                          f"required=False to leave them float, or Rule(pattern, qtype=None)):\n"
+                          + "\n".join(errors))
     for rule in policy.rules:
-        if rule not in used:
+        if rule not in used and rule not in DEFAULT_RULES:
             message = f"quantize_tree: rule {rule.pattern!r} matches no parameter"
             if policy.strict:
                 raise PolicyError(message)
@@ -140,27 +223,66 @@ def plan(params, policy: Policy | None = None) -> dict[str, Rule | None]:
     return decisions
 
 
-def _check_quantizable(name: str, leaf, rule: Rule) -> None:
+def _skip_reason(name: str, leaf, rule: Rule | None, policy: Policy) -> str | None:
+    """Why a parameter is left alone before any rule is applied to it (None: it is not)."""
+    if isinstance(leaf, QArray):
+        return "already quantized"
+    if rule is None:
+        return "no rule matches"
+    if rule.qtype is None:
+        return f"rule {rule.pattern!r} leaves it"
+    if not hasattr(leaf, "shape") or math.prod(leaf.shape) < policy.min_size:
+        return f"under min_size {policy.min_size}"
+    if policy.predicate is not None and not policy.predicate(name, leaf):
+        return "the predicate leaves it"
+    return None
+
+
+def _config(leaf, rule: Rule, lay: Layout | None, stack: int):
+    """``(QuantConfig for one layer, None)`` or ``(None, why it cannot be quantized)``."""
     dtype = np.dtype(leaf.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise PolicyError(f"cannot quantize {name!r}: dtype {dtype} is not floating")
+        return None, f"dtype {dtype} is not floating"
+    shape = tuple(leaf.shape[stack:])
+    axis = None
+    if rule.axis == CONTRACTION:
+        if lay is not None and lay.why_not:
+            return None, lay.why_not
+        if lay is not None and lay.axis is None:
+            return None, f"{lay.module or 'its module'} contracts no axis of it"
+        axis = lay.axis if lay is not None else infer_axis(shape, rule.block_size)
+        if axis is None:
+            return None, f"no contraction axis for a {len(shape)}-d array"
     try:
-        cfg = rule.config(len(leaf.shape))
+        cfg = rule.config(len(shape), axis)
     except ValueError as e:
-        raise PolicyError(f"cannot quantize {name!r} {tuple(leaf.shape)} by rule "
-                          f"{rule.pattern!r}: {e}") from None
+        return None, f"rule {rule.pattern!r}: {e}"
     if cfg.axis is not None and cfg.block_size and not rule.allow_partial_blocks:
-        length = leaf.shape[cfg.axis]
+        length = layout_lib.rows_shape(shape, cfg.axis)[1]
         if length % cfg.block_size:
-            raise PolicyError(
-                f"cannot quantize {name!r} {tuple(leaf.shape)}: axis {cfg.axis} has length {length}, "
-                f"not a multiple of block_size {cfg.block_size} (change the rule's block_size or "
-                f"axis, or set allow_partial_blocks=True)")
+            return None, (f"axis {cfg.axis} has length {length}, not a multiple of block_size "
+                          f"{cfg.block_size}")
+    return cfg, None
 
 
-def quantize_tree(params, policy: Policy | None = None, *, progress: bool = False,
-                  donate: bool = False):
-    """Quantize the parameters of a pytree (Linen params, FrozenDict, ...) by ``policy``.
+def quantize_leaf(x, cfg: QuantConfig, stack: int = 0) -> QArray:
+    """Quantize ``x`` by ``cfg``; with ``stack`` leading stack dims, layer by layer (``layout.py``):
+    one layer's metadata, every leaf stacked (double quantization's constants per layer)."""
+    if not stack:
+        return quantize_array(x, cfg)
+    lead = x.shape[:stack]
+    flat = x.reshape(-1, *x.shape[stack:])
+    q = jax.lax.map(lambda a: quantize_array(a, cfg), flat)
+    return jax.tree.map(lambda a: a.reshape(*lead, *a.shape[1:]), q)
+
+
+def quantize_tree(params, policy: Policy | None = None, *, layouts: dict[str, Layout] | None = None,
+                  progress: bool = False, donate: bool = False):
+    """Quantize the parameters of a pytree (Linen params, FrozenDict, NNX state) by ``policy``.
+
+    ``layouts`` (path -> ``Layout``, from ``jaxquant.flax.layouts(model, *args)``) says which axes
+    each kernel's module contracts and which leading axes stack scanned layers; without it the
+    contraction axes are inferred from the shapes (``infer_axis``) and nothing is stacked.
 
     Leaf by leaf, so the device holds at most the input tree, the quantized tree and one leaf's
     temporaries. ``donate=True`` also deletes each quantized leaf's input array once its
@@ -176,30 +298,28 @@ def quantize_tree(params, policy: Policy | None = None, *, progress: bool = Fals
       >>> type(qparams["params"]["kernel"]).__name__
       'QArray'
     """
-    decisions = plan(params, policy)
-    total = sum(r is not None for r in decisions.values())
+    decisions = plan(params, policy, layouts)
+    total = sum(d.config is not None for d in decisions.values())
     bar = tqdm(total=total, desc="quantizing", disable=not progress or total == 0, leave=False)
     # with donate, an array is deleted after its last quantization, and never if a kept leaf is it
     pending = collections.Counter()
     kept = set()
-    is_leaf = lambda x: isinstance(x, QArray)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf)[0] if donate else ():
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_qarray)[0] if donate else ():
         if not isinstance(leaf, jax.Array):
             continue
-        if decisions[path_str(path)] is None:
+        if decisions[path_str(path)].config is None:
             kept.add(id(leaf))
         else:
             pending[id(leaf)] += 1
 
     def convert(path, leaf):
-        rule = decisions[path_str(path)]
-        if rule is None:
+        decision = decisions[path_str(path)]
+        if decision.config is None:
             return leaf
-        cfg = rule.config(len(leaf.shape))
         if isinstance(leaf, jax.ShapeDtypeStruct):
-            out = jax.eval_shape(lambda a: quantize_array(a, cfg), leaf)
+            out = jax.eval_shape(lambda a: quantize_leaf(a, decision.config, decision.stack), leaf)
         else:
-            out = quantize_array(jnp.asarray(leaf), cfg)
+            out = quantize_leaf(jnp.asarray(leaf), decision.config, decision.stack)
             if donate and isinstance(leaf, jax.Array):
                 pending[id(leaf)] -= 1
                 if not pending[id(leaf)] and id(leaf) not in kept:
@@ -207,7 +327,7 @@ def quantize_tree(params, policy: Policy | None = None, *, progress: bool = Fals
         bar.update()
         return out
 
-    out = jax.tree_util.tree_map_with_path(convert, params, is_leaf=lambda x: isinstance(x, QArray))
+    out = jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_qarray)
     bar.close()
     return out
 
@@ -215,47 +335,4 @@ def quantize_tree(params, policy: Policy | None = None, *, progress: bool = Fals
 def dequantize_tree(tree):
     """Replace every QArray in ``tree`` by its dequantized array (original dtype)."""
     return jax.tree.map(lambda x: dequantize(x) if isinstance(x, QArray) else x, tree,
-                        is_leaf=lambda x: isinstance(x, QArray))
-
-
-def memory_report(params, qparams, with_error: bool = False) -> list[dict]:
-    """One row per parameter: path, shape, qtype, bytes before and after, bits per parameter,
-    and with ``with_error`` the relative RMS weight error of the quantized ones."""
-    is_q = lambda x: isinstance(x, QArray)
-    before = dict((path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params, is_q)[0])
-    after = jax.tree_util.tree_flatten_with_path(qparams, is_q)[0]
-    names = [path_str(p) for p, _ in after]
-    if set(names) != set(before):
-        raise ValueError(f"memory_report needs two trees with the same paths: only in params "
-                         f"{sorted(set(before) - set(names))[:3]}, only in qparams "
-                         f"{sorted(set(names) - set(before))[:3]}")
-    rows = []
-    for name, (_, leaf) in zip(names, after):
-        orig = before[name]
-        if tuple(orig.shape) != tuple(leaf.shape):
-            raise ValueError(f"memory_report: {name!r} has shape {tuple(orig.shape)} in params but "
-                             f"{tuple(leaf.shape)} in qparams")
-        row = dict(path=name, shape=tuple(orig.shape), qtype=leaf.qtype if isinstance(leaf, QArray) else None,
-                   bytes_before=nbytes(orig), bytes_after=nbytes(leaf))
-        row["bits_per_param"] = 8 * row["bytes_after"] / max(math.prod(orig.shape), 1)
-        if with_error and isinstance(leaf, QArray):
-            ref = jnp.asarray(orig, jnp.float32)
-            err = dequantize(leaf, jnp.float32) - ref
-            row["rel_rms_error"] = float(jnp.sqrt(jnp.sum(err * err) / jnp.sum(ref * ref)))
-        rows.append(row)
-    return rows
-
-
-def format_report(rows: list[dict]) -> str:
-    """The report as a table with a total line."""
-    lines = [f"{'path':<48} {'shape':<18} {'qtype':<6} {'before':>10} {'after':>10} {'bits':>6} {'err':>7}"]
-    for r in rows:
-        err = f"{r['rel_rms_error']:.4f}" if "rel_rms_error" in r else ""
-        lines.append(f"{r['path'][-48:]:<48} {str(r['shape']):<18} {r['qtype'] or '-':<6} "
-                     f"{r['bytes_before']:>10,} {r['bytes_after']:>10,} {r['bits_per_param']:>6.2f} {err:>7}")
-    before = sum(r["bytes_before"] for r in rows)
-    after = sum(r["bytes_after"] for r in rows)
-    params = sum(math.prod(r["shape"]) for r in rows)
-    lines.append(f"{'total':<48} {params:<18,} {'':<6} {before:>10,} {after:>10,} "
-                 f"{8 * after / max(params, 1):>6.2f}")
-    return "\n".join(lines)
+                        is_leaf=is_qarray)

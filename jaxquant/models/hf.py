@@ -251,10 +251,11 @@ def _read(ckpt: _Checkpoint, config, quant: str | None, dtype, policy) -> dict:
         else:
             w = ckpt.get(f"{module}.weight")
             w = jnp.asarray(np.ascontiguousarray(w.T) if kind == "linear" else w, dtype)
-            rule = decisions.get("/".join(("params", *ppath)))
-            if rule is not None:
-                w = jq.quantize(w, rule.qtype, rule.block_size, rule.axis, rule.double_quant,
-                                zero_point=rule.zero_point)
+            decision = decisions.get("/".join(("params", *ppath)))
+            cfg = decision.config if decision is not None else None
+            if cfg is not None:
+                w = jq.quantize(w, cfg.qtype, cfg.block_size, cfg.axis, cfg.double_quant,
+                                zero_point=cfg.zero_point, nested_block_size=cfg.nested_block_size)
             leaf = w
         _set(params, ppath, leaf)
     return {"params": params}

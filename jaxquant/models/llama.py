@@ -102,11 +102,13 @@ class Llama(nn.Module):
     """``Llama(config)(tokens) -> logits`` (float32), tokens ``(batch, seq)``.
 
     With ``cache`` (from ``init_cache``) and ``start`` (the position of ``tokens[:, 0]``), returns
-    ``(logits, cache)``: the KV cache for incremental decoding.
+    ``(logits, cache)``: the KV cache for incremental decoding. ``remat=True`` recomputes each
+    block in the backward pass (gradient checkpointing per block, for training).
     """
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, tokens, cache=None, start=0):
@@ -115,8 +117,9 @@ class Llama(nn.Module):
         x = embed(tokens)
         positions = start + jnp.arange(tokens.shape[-1])[None]
         new_cache = []
+        block = nn.remat(Block) if self.remat else Block
         for i in range(c.layers):
-            x, layer_cache = Block(c, self.dtype, name=f"layers_{i}")(
+            x, layer_cache = block(c, self.dtype, name=f"layers_{i}")(
                 x, positions, None if cache is None else cache[i])
             new_cache.append(layer_cache)
         x = RMSNorm(c.rms_eps, name="norm")(x)
