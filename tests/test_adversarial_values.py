@@ -107,3 +107,11 @@ def test_any_finite_input_round_trips_within_the_bound(values, kind, block_size)
     """Hypothesis over finite float32 values of every exponent: never a silent violation."""
     qtype, zero_point = kind
     assert_within_bound(np.asarray(values, np.float32), qtype, zero_point, block_size)
+def test_quantize_tree_refuses_non_finite_leaves():
+    w = np.random.default_rng(1).standard_normal((128, 256)).astype(np.float32)
+    w[100, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        jq.quantize_tree({"dense": {"kernel": jnp.asarray(w)}},
+                         jq.Policy(rules=(jq.Rule(r"kernel$", "nf4", 64),)))
+
+

@@ -112,8 +112,16 @@ def quantize(x, qtype: str = "nf4", block_size: int | None = 64, axis: int | Non
     cfg = QuantConfig(qtype, block_size, axis, zero_point, double_quant, nested_block_size)
     cfg = cfg.validated(x.ndim)
     q = quantize_array(x, cfg)
-    if check_finite and not isinstance(x, jax.core.Tracer):
-        constants = q.scale.scale if q.double_quant else q.scale  # NaN where a block is not finite
-        if not bool(jnp.isfinite(constants).all()):
-            raise ValueError(_nonfinite_report(x))
+    if check_finite:
+        raise_if_nonfinite(x, q)
     return q
+
+
+def raise_if_nonfinite(x, q: QArray) -> None:
+    """Raise ValueError if a concrete ``x`` held NaN/Inf (read off ``q``'s block constants, NaN
+    for such a block: one host sync); nothing for a tracer."""
+    if isinstance(x, jax.core.Tracer) or isinstance(q.codes, jax.core.Tracer):
+        return
+    constants = q.scale.scale if q.double_quant else q.scale
+    if not bool(jnp.isfinite(constants).all()):
+        raise ValueError(_nonfinite_report(x))

@@ -28,7 +28,7 @@ from jaxquant._src import layout as layout_lib
 from jaxquant._src.config import QuantConfig
 from jaxquant._src.dequantize import dequantize
 from jaxquant._src.qarray import QArray
-from jaxquant._src.quantize import quantize_array
+from jaxquant._src.quantize import quantize_array, raise_if_nonfinite
 
 CONTRACTION = "contraction"
 
@@ -269,11 +269,14 @@ def quantize_leaf(x, cfg: QuantConfig, stack: int = 0) -> QArray:
     """Quantize ``x`` by ``cfg``; with ``stack`` leading stack dims, layer by layer (``layout.py``):
     one layer's metadata, every leaf stacked (double quantization's constants per layer)."""
     if not stack:
-        return quantize_array(x, cfg)
-    lead = x.shape[:stack]
-    flat = x.reshape(-1, *x.shape[stack:])
-    q = jax.lax.map(lambda a: quantize_array(a, cfg), flat)
-    return jax.tree.map(lambda a: a.reshape(*lead, *a.shape[1:]), q)
+        q = quantize_array(x, cfg)
+    else:
+        lead = x.shape[:stack]
+        flat = x.reshape(-1, *x.shape[stack:])
+        q = jax.lax.map(lambda a: quantize_array(a, cfg), flat)
+        q = jax.tree.map(lambda a: a.reshape(*lead, *a.shape[1:]), q)
+    raise_if_nonfinite(x, q)
+    return q
 
 
 def quantize_tree(params, policy: Policy | None = None, *, layouts: dict[str, Layout] | None = None,
