@@ -38,7 +38,8 @@ def main():
     adapters = jq.lora.init(jax.random.key(2), shapes, rank=4, alpha=8.0)
     adapters = {k: jq.lora.Adapter(a.a, 0.1 * jax.random.normal(jax.random.key(i), a.b.shape), a.alpha)
                 for i, (k, a) in enumerate(adapters.items())}
-    with jq.lora.intercept(adapters):
+    # float32 on both sides: a GPU's default JAX matmul precision is TF32 (5e-3 off torch's CPU)
+    with jq.lora.intercept(adapters), jax.default_matmul_precision("highest"):
         want = np.asarray(model.apply(params, tokens))
 
     hf = LlamaForCausalLM(HFConfig(

@@ -9,11 +9,15 @@ Writes tests/data/bnb_golden.npz: per case, the input, bitsandbytes' packed chec
 
 import json
 import pathlib
+import sys
 
 import bitsandbytes
 import bitsandbytes.functional as F
 import numpy as np
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's jaxquant
+from jaxquant._src import codebooks  # noqa: E402
 
 OUT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "bnb_golden.npz"
 
@@ -40,6 +44,20 @@ def cases():
                 yield f"{qtype}_b{bs}_{dtype}_dq", x, dtype, True
         heavy = rng.standard_t(2, size=64 * 300).astype(np.float32)
         yield f"{qtype}_b64_f32_dq_heavy", heavy, "float32", True
+    yield from partial_block_ties()
+
+
+def partial_block_ties():
+    """A partial last block whose ratios to its absmax are the table's midpoints: bitsandbytes
+    divides there (``x / absmax``) where whole blocks multiply by ``1 / absmax``, and the two
+    roundings put such ties on different codes."""
+    rng = np.random.default_rng(20261202)
+    for qtype in ("nf4", "fp4"):
+        midpoints = codebooks.get_qtype(qtype).midpoints  # REFERENCE.md's, from bitsandbytes' tables
+        absmax = np.float32(2.71875)
+        tail = (rng.choice(midpoints, 3999) * absmax).astype(np.float32)
+        x = np.concatenate([rng.standard_normal(4096).astype(np.float32), [absmax], tail])
+        yield f"{qtype}_b4096_f32_ties", x, "float32", False
 
 
 def main():

@@ -353,3 +353,28 @@ def test_bit_cells_count_the_midpoints_below_like_the_search(qtype, rng):
     np.testing.assert_array_equal(np.asarray(encode.count_by_bit_cells(jnp.asarray(v), qt)), want)
     assert set(want[np.isnan(v)].tolist()) == {len(mids)}  # NaN counts above every midpoint
     assert inside.shape[1] <= 4 and below.max() <= len(mids)
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "fp4", "dynamic8"])
+def test_a_partial_last_block_divides_as_bitsandbytes_does(qtype, rng):
+    """bitsandbytes scales whole blocks by ``x * (1 / absmax)`` and the partial last block by
+    ``x / absmax``: numpy's float32 ops written out are the reference. Values whose ratio to the
+    absmax is a midpoint make the two roundings give other codes (checked, so the test can fail);
+    XLA:CPU rewrote that division into the reciprocal, the GPU did not."""
+    qt = codebooks.get_qtype(qtype)
+    bf16 = lambda v: np.asarray(jnp.asarray(v, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+    whole = bf16(rng.standard_normal((512, 64)))
+    absmax = bf16(rng.uniform(0.5, 4, (512, 1)))  # each partial block: its absmax, then values
+    on_midpoints = (rng.choice(qt.midpoints, (512, 35)) * absmax).astype(np.float32)  # ratio: a midpoint
+    part = np.concatenate([absmax, on_midpoints], 1)
+    x = np.concatenate([whole, part], 1)
+    amax = lambda b: np.maximum(np.abs(b).max(1, keepdims=True), np.float32(np.finfo(np.float32).tiny))
+    code = lambda s: qt.sorted_order[np.sum(np.clip(s, -1, 1)[..., None] > qt.midpoints, -1)]
+    by_reciprocal = part * (np.float32(1) / amax(part))
+    want = np.concatenate([code(whole * (np.float32(1) / amax(whole))), code(part / amax(part))], 1)
+    assert (code(by_reciprocal) != want[:, 64:]).any()  # the input probes the difference
+    got = jq.quantize(jnp.asarray(x), qtype, 64, axis=1)
+    raw = np.asarray(got.codes)
+    if qt.bits == 4:
+        raw = np.stack([raw >> 4, raw & 0xF], -1).reshape(512, -1)[:, :100]
+    np.testing.assert_array_equal(raw, want)

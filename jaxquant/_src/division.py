@@ -113,8 +113,15 @@ def exact_divide(n, d) -> jax.Array:
     return lax.optimization_barrier(long_divide(n, d))
 
 
+def _cpu_divide(n, d) -> jax.Array:
+    """XLA:CPU's own division, which is IEEE. The barrier hides that ``d`` is a broadcast: XLA
+    rewrites ``n / broadcast(d)`` as ``n * broadcast(1 / d)``, up to 1 ulp off, and a partial
+    last block whose ratio sits on a midpoint then took the next code (bitsandbytes divides)."""
+    return n / lax.optimization_barrier(d)
+
+
 def divide(n, d) -> jax.Array:
     """``n / d`` in float32, correctly rounded on every backend: XLA CPU's own division is, the
     long division runs elsewhere. Meant for per-block constants (~110 integer operations each)."""
     n, d = jnp.broadcast_arrays(jnp.asarray(n, jnp.float32), jnp.asarray(d, jnp.float32))
-    return lax.platform_dependent(n, d, cpu=jnp.divide, default=exact_divide)
+    return lax.platform_dependent(n, d, cpu=_cpu_divide, default=exact_divide)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant._src.config import QuantConfig
+from jaxquant._src.division import divide
 from jaxquant._src.encode import quantize_rows
 from jaxquant._src.qarray import QArray
 
@@ -31,9 +32,16 @@ def quantize_nested(constants: jax.Array, block_size: int) -> QArray:
     """
     # The mean of the finite constants: a NaN constant (a block that held NaN/Inf under jit)
     # then spoils only its own nested block of ``block_size`` constants, not every block.
+    # The barriers keep XLA from fusing the producer of the constants into the sum and the
+    # subtraction (a GPU contracts a multiply and an add into one FMA: other bits than the CPU's)
+    # and the mean into the subtraction (the H200's centered constants were 1 ulp off its own
+    # constants minus the offset it stored). Each step is then one IEEE operation, the same bits
+    # on every backend.
+    constants = jax.lax.optimization_barrier(constants)
     finite = jnp.isfinite(constants)
     total = fixed_order_sum(jnp.where(finite, constants, 0))
-    offset = total / jnp.maximum(finite.sum(), 1).astype(jnp.float32) if constants.size else jnp.float32(0)
+    count = jnp.maximum(finite.sum(), 1).astype(jnp.float32)
+    offset = jax.lax.optimization_barrier(divide(total, count)) if constants.size else jnp.float32(0)
     centered = constants - offset
     codes, scale, _ = quantize_rows(centered, QuantConfig("dynamic8", block_size, None), block_size)
     return QArray(codes, scale, None, offset.astype(jnp.float32), shape=tuple(centered.shape),
