@@ -49,14 +49,18 @@ def cases():
 
 def partial_block_ties():
     """A partial last block whose ratios to its absmax are the table's midpoints: bitsandbytes
-    divides there (``x / absmax``) where whole blocks multiply by ``1 / absmax``, and the two
-    roundings put such ties on different codes."""
+    divides there (``x / absmax``) where whole blocks multiply by ``1 / absmax``. The absmax is
+    the one of [0.5, 4] for which the two roundings put the most such values on other codes."""
     rng = np.random.default_rng(20261202)
     for qtype in ("nf4", "fp4"):
-        midpoints = codebooks.get_qtype(qtype).midpoints  # REFERENCE.md's, from bitsandbytes' tables
-        absmax = np.float32(2.71875)
-        tail = (rng.choice(midpoints, 3999) * absmax).astype(np.float32)
+        qt = codebooks.get_qtype(qtype)  # REFERENCE.md's midpoints, from bitsandbytes' tables
+        code = lambda s: qt.sorted_order[np.sum(np.clip(s, -1, 1)[:, None] > qt.midpoints, -1)]
+        ties = lambda a: np.concatenate([qt.midpoints * a, -qt.midpoints * a]).astype(np.float32)
+        moved = lambda a: int((code(ties(a) / a) != code(ties(a) * (np.float32(1) / a))).sum())
+        absmax = max(np.linspace(0.5, 4, 3501).astype(np.float32), key=moved)
+        tail = rng.choice(ties(absmax), 3999)
         x = np.concatenate([rng.standard_normal(4096).astype(np.float32), [absmax], tail])
+        print(f"{qtype}: absmax {absmax}, {moved(absmax)} of {ties(absmax).size} midpoint values move")
         yield f"{qtype}_b4096_f32_ties", x, "float32", False
 
 

@@ -46,6 +46,7 @@ def test_golden_file_covers_the_required_cases():
     assert {int(c.split("_")[1][1:]) for c in CASES} == {32, 64, 128, 256, 512, 1024, 2048, 4096}
     assert {c.split("_")[0] for c in CASES} == {"nf4", "fp4"}
     assert any("bf" in c for c in CASES) and any("dq" in c for c in CASES)
+    assert any("ties" in c for c in CASES)  # a partial last block on midpoints: bnb divides there
 
 
 @pytest.mark.parametrize("name", CASES)
