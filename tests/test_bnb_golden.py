@@ -1,6 +1,6 @@
 """Bit-exactness with bitsandbytes 0.50.2 (CPU/default path), from committed golden vectors.
 
-tests/data/bnb_golden.npz comes from experiments/make_bnb_golden.py, run with the real
+tests/data/bnb_golden.npz comes from scripts/make_bnb_golden.py, run with the real
 bitsandbytes; these tests need no torch.
 """
 

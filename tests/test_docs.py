@@ -23,3 +23,17 @@ def test_readme_example_runs():
     exec(compile(block, "README.md", "exec"), namespace)
     assert abs(namespace["jq"].bits_per_param(namespace["q"]) - 4.127) < 1e-3
     assert namespace["q2"].shape == namespace["q"].shape
+
+
+def test_readme_qlora_example_trains():
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## QLoRA"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    with jax.numpy_dtype_promotion("standard"):  # optax's step count meets floats (the JAX default)
+        exec(compile(block, "README.md (QLoRA)", "exec"), namespace)
+    jq = namespace["jq"]
+    first = namespace["loss"](jq.lora.init(jax.random.key(1), namespace["qparams"], rank=8, alpha=16.0),
+                              namespace["qparams"])
+    assert float(namespace["value"]) < 0.5 * float(first)  # the adapters learned
+    assert not isinstance(namespace["merged"]["params"]["layers_0"]["kernel"], jq.QArray)

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints in and out (jaxquant.models.hf), against files transformers wrote.
 
-tests/data/hf_tiny/ was written by experiments/make_hf_fixtures.py with transformers 5.17 and
+tests/data/hf_tiny/ was written by scripts/make_hf_fixtures.py with transformers 5.17 and
 bitsandbytes 0.50.2 (meta.json says on which device): a tiny LlamaForCausalLM in bf16 (sharded),
 NF4 + double quant, FP4 and LLM.int8, each with transformers' logits on fixed tokens and the
 sha256 of bitsandbytes' own dequantization of every quantized weight. No torch needed here.

@@ -2,22 +2,18 @@
 
 Run with a Python that has torch and bitsandbytes (they install on Python 3.11):
     python3 -m venv /tmp/bnb && /tmp/bnb/bin/pip install torch==2.13.0 bitsandbytes==0.50.2
-    /tmp/bnb/bin/python experiments/make_bnb_golden.py
+    /tmp/bnb/bin/python scripts/make_bnb_golden.py
 Writes tests/data/bnb_golden.npz: per case, the input, bitsandbytes' packed checkpoint dict
 (``QuantState.as_dict(packed=True)``) and its dequantized output. The tests need no torch.
 """
 
 import json
 import pathlib
-import sys
 
 import bitsandbytes
 import bitsandbytes.functional as F
 import numpy as np
 import torch
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's jaxquant
-from jaxquant._src import codebooks  # noqa: E402
 
 OUT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "bnb_golden.npz"
 
@@ -47,16 +43,22 @@ def cases():
     yield from partial_block_ties()
 
 
+def midpoints(qtype: str) -> np.ndarray:
+    """float32 midpoints of bitsandbytes' sorted 4-bit table (REFERENCE.md)."""
+    levels = np.sort(F.get_4bit_type(qtype, device="cpu").float().numpy())
+    return (levels[:-1] + levels[1:]) / np.float32(2)
+
+
 def partial_block_ties():
     """A partial last block whose ratios to its absmax are the table's midpoints: bitsandbytes
     divides there (``x / absmax``) where whole blocks multiply by ``1 / absmax``. The absmax is
     the one of [0.5, 4] for which the two roundings put the most such values on other codes."""
     rng = np.random.default_rng(20261202)
     for qtype in ("nf4", "fp4"):
-        qt = codebooks.get_qtype(qtype)  # REFERENCE.md's midpoints, from bitsandbytes' tables
-        code = lambda s: qt.sorted_order[np.sum(np.clip(s, -1, 1)[:, None] > qt.midpoints, -1)]
-        ties = lambda a: np.concatenate([qt.midpoints * a, -qt.midpoints * a]).astype(np.float32)
-        moved = lambda a: int((code(ties(a) / a) != code(ties(a) * (np.float32(1) / a))).sum())
+        mids = midpoints(qtype)
+        below = lambda s: np.sum(np.clip(s, -1, 1)[:, None] > mids, -1)  # sorted code index
+        ties = lambda a: np.concatenate([mids * a, -mids * a]).astype(np.float32)
+        moved = lambda a: int((below(ties(a) / a) != below(ties(a) * (np.float32(1) / a))).sum())
         absmax = max(np.linspace(0.5, 4, 3501).astype(np.float32), key=moved)
         tail = rng.choice(ties(absmax), 3999)
         x = np.concatenate([rng.standard_normal(4096).astype(np.float32), [absmax], tail])

@@ -3,7 +3,7 @@
 Runs with torch + transformers + bitsandbytes (+ accelerate), on a CUDA GPU or on the CPU
 (bitsandbytes >= 0.49 has a CPU backend for 4-bit and 8-bit):
 
-    python experiments/make_hf_fixtures.py tests/data/hf_tiny [--device cuda|cpu]
+    python scripts/make_hf_fixtures.py tests/data/hf_tiny [--device cuda|cpu]
 
 Writes, for a randomly initialized LlamaForCausalLM (hidden 128, 2 layers, 4 heads of 32, 2 KV
 heads, SwiGLU 256, vocab 256, untied LM head, seed 0):
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     meta = dict(device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
                 torch=torch.__version__, transformers=transformers.__version__,
                 bitsandbytes=bitsandbytes.__version__, python=platform.python_version(),
-                script="experiments/make_hf_fixtures.py", seed=0,
+                script="scripts/make_hf_fixtures.py", seed=0,
                 note="logits: transformers' forward of each saved model, bf16 compute, on `device`")
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
