@@ -119,8 +119,9 @@ def quantize(x, qtype: str = "nf4", block_size: int | None = 64, axis: int | Non
 
 def raise_if_nonfinite(x, q: QArray) -> None:
     """Raise ValueError if a concrete ``x`` held NaN/Inf (read off ``q``'s block constants, NaN
-    for such a block: one host sync); nothing for a tracer."""
-    if isinstance(x, jax.core.Tracer) or isinstance(q.codes, jax.core.Tracer):
+    for such a block: one host sync); nothing for a tracer or an abstract array."""
+    if isinstance(x, jax.core.Tracer) or not isinstance(q.codes, jax.Array) \
+            or isinstance(q.codes, jax.core.Tracer):
         return
     constants = q.scale.scale if q.double_quant else q.scale
     if not bool(jnp.isfinite(constants).all()):

@@ -1,55 +1,130 @@
-"""Shardings for QArrays: place codes and constants consistently with the logical array's spec.
+"""Shardings for QArrays: place codes and constants consistently with the logical array's spec,
+and quantize a sharded array where its shards lie.
 
 A QArray quantized along axis k stores rows ``moveaxis(x, k, -1)``: its codes, constants and
 zero points have the logical array's other dimensions first, then the (packed) block axis. So a
-``PartitionSpec`` of the logical array (e.g. ``P(None, "model")`` for a kernel ``W[K, N]``
-sharded along its outputs) maps to the same spec on those leading dimensions; the block axis
-itself stays unsharded. Double-quantized constants have flat nested codes (bitsandbytes'
-layout): they are split along with the rows when exactly the leading row dimension is sharded,
-and their per-256 constants and offset, a few bytes, are replicated.
+``PartitionSpec`` of the logical array maps to the same mesh axes on those dimensions:
+
+* column-parallel, a kernel ``W[K, N]`` with ``P(None, "model")``: the rows (N) are split, every
+  block stays whole on one device;
+* row-parallel, ``P("model", None)``: the block axis (K) is split, which needs every shard of it
+  to hold whole blocks (``K / devices`` a multiple of ``block_size``, and even for 4-bit codes
+  packed two per byte); otherwise ``ValueError``.
+
+Stacked layers (leading stack dimensions) take the spec's leading entries; a tuple block axis
+(merged axes) may be split only along its first, outermost axis, so each shard stays a run of
+whole rows of the merged matrix. Double-quantized constants have flat nested codes (bitsandbytes'
+layout): they are split along with the rows when exactly the leading row dimension is split and
+the block axis is not, and are replicated otherwise (1 byte per block); their per-256 constants
+and offset, a few bytes, are replicated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Callable
 
+import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxquant._src import codebooks, layout
 from jaxquant._src.qarray import QArray
 
 
+def _devices_along(mesh: Mesh, entry) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[name] for name in names)
+
+
+def _block_entry(q: QArray, mesh: Mesh, spec: P, entries: tuple):
+    """The mesh axes the block axis is split over (None: whole), checked to cut whole blocks."""
+    axes = layout.axes_of(q.axis)
+    inner = [a for a in axes[1:] if entries[a] is not None]
+    if inner:
+        raise ValueError(f"qarray_sharding: spec {spec} shards axis {inner[0]} inside the merged block "
+                         f"axes {q.axis} of {q!r}; shard only the first of them, {axes[0]}")
+    entry = entries[axes[0]]
+    if entry is None:
+        return None
+    _, length = layout.rows_shape(q.shape, q.axis)
+    devices = _devices_along(mesh, entry)
+    part = length // devices
+    packed = codebooks.get_qtype(q.qtype).bits == 4
+    if length % devices or part % q.block_size or (packed and part % 2):
+        raise ValueError(
+            f"qarray_sharding: spec {spec} splits the block axis {q.axis} of {q!r} (length {length}) "
+            f"over {devices} devices: each shard must hold whole blocks of {q.block_size}"
+            f"{' and an even number of packed 4-bit codes' if packed else ''}, got {length / devices:g} "
+            f"elements; pick a block size dividing {length // devices if length % devices == 0 else 'the shard'} "
+            f"or shard another axis")
+    return entry
+
+
 def qarray_sharding(q: QArray, mesh: Mesh, spec: P) -> QArray:
-    """A QArray-shaped tree of ``NamedSharding`` for ``q``, from the logical array's ``spec``.
+    """A QArray-shaped tree of ``NamedSharding`` for ``q``, from the logical array's ``spec``
+    (for stacked layers, the spec of the whole stacked array).
 
     Example:
-      >>> # W[K, N] sharded along N over mesh axis "model":
-      >>> # q = jax.device_put(q, jq.qarray_sharding(q, mesh, P(None, "model")))
+      >>> import jax, numpy as np, jaxquant as jq
+      >>> from jax.sharding import Mesh, PartitionSpec as P
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+      >>> q = jq.quantize(np.ones((256, 128), np.float32), "nf4", 64, axis=0)  # W[K, N]
+      >>> jq.qarray_sharding(q, mesh, P(None, "model")).codes.spec   # column-parallel: N split
+      P('model', None)
+      >>> jq.qarray_sharding(q, mesh, P("model", None)).codes.spec   # row-parallel: K split
+      P(None, 'model')
 
     Raises:
-      ValueError: ``spec`` shards the block axis, or ``q`` has ``axis=None`` with a sharded spec.
+      ValueError: ``q`` has ``axis=None`` with a sharded spec, the spec splits the block axis into
+        shards that are not whole blocks, splits an inner axis of a merged block axis, or has
+        more entries than the array has dimensions.
     """
-    entries = tuple(spec) + (None,) * (q.ndim - len(tuple(spec)))
+    stack = layout.stack_ndim(q)
+    spec_entries = tuple(spec)
+    if len(spec_entries) > stack + q.ndim:
+        raise ValueError(f"qarray_sharding: spec {spec} has more entries than {q!r} has dimensions "
+                         f"({stack} stacked + {q.ndim})")
+    entries = spec_entries + (None,) * (stack + q.ndim - len(spec_entries))
+    lead, entries = entries[:stack], entries[stack:]
     if q.axis is None:
         if any(e is not None for e in entries):
             raise ValueError(f"qarray_sharding: {q!r} has flat blocks (axis=None); quantize along an "
                              f"axis to shard it, got spec {spec}")
-        rows = P()
+        rest, block = [], None
     else:
-        if entries[q.axis] is not None:
-            raise ValueError(f"qarray_sharding: spec {spec} shards axis {q.axis}, the block axis of "
-                             f"{q!r}; shard another axis")
-        rest = [e for i, e in enumerate(entries) if i != q.axis]
-        rows = P(*rest, None)
-    replicated = NamedSharding(mesh, P())
+        block = _block_entry(q, mesh, spec, entries)
+        rest = [e for i, e in enumerate(entries) if i not in layout.axes_of(q.axis)]
+    rows = NamedSharding(mesh, P(*lead, *rest, block))
+    small = NamedSharding(mesh, P(*lead))
 
     def constants(scale):
         if not isinstance(scale, QArray):
-            return NamedSharding(mesh, rows)
-        flat = P(rows[0]) if rows and rows[0] is not None and all(e is None for e in rows[1:]) else P()
-        return dataclasses.replace(scale, codes=NamedSharding(mesh, flat), scale=replicated,
-                                   zero_point=None, offset=replicated)
+            return rows
+        by_rows = block is None and rest and rest[0] is not None and all(e is None for e in rest[1:])
+        flat = P(*lead, rest[0]) if by_rows else P(*lead)
+        return dataclasses.replace(scale, codes=NamedSharding(mesh, flat), scale=small,
+                                   zero_point=None, offset=small)
 
     return dataclasses.replace(
-        q, codes=NamedSharding(mesh, rows), scale=constants(q.scale),
-        zero_point=None if q.zero_point is None else NamedSharding(mesh, rows),
-        offset=None if q.offset is None else replicated)
+        q, codes=rows, scale=constants(q.scale), zero_point=None if q.zero_point is None else rows,
+        offset=None if q.offset is None else small)
+
+
+def is_sharded(x) -> bool:
+    """Whether ``x`` (an array or a ``ShapeDtypeStruct``) is split over a mesh by a NamedSharding."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    sharding = getattr(x, "sharding", None)
+    return isinstance(sharding, NamedSharding) and not sharding.is_fully_replicated
+
+
+def quantize_in_shards(quantize: Callable[[jax.Array], QArray], x):
+    """``quantize(x)`` compiled with ``x``'s sharding in and the matching ``qarray_sharding`` out:
+    XLA runs it where the shards lie, each device quantizing its own (no gather of ``x``; with
+    double quantization only the float32 block constants travel, for the mean). An abstract
+    ``x`` (a ``ShapeDtypeStruct`` with a sharding) gives the abstract, sharded QArray."""
+    sharding = x.sharding
+    abstract = jax.eval_shape(quantize, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    run = jax.jit(quantize, out_shardings=qarray_sharding(abstract, sharding.mesh, sharding.spec))
+    return jax.eval_shape(run, x) if isinstance(x, jax.ShapeDtypeStruct) else run(x)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxquant._src import layout as layout_lib
+from jaxquant._src import layout as layout_lib, sharding
 from jaxquant._src.config import QuantConfig
 from jaxquant._src.dequantize import dequantize
 from jaxquant._src.qarray import QArray
@@ -267,14 +267,18 @@ def _config(leaf, rule: Rule, lay: Layout | None, stack: int):
 
 def quantize_leaf(x, cfg: QuantConfig, stack: int = 0) -> QArray:
     """Quantize ``x`` by ``cfg``; with ``stack`` leading stack dims, layer by layer (``layout.py``):
-    one layer's metadata, every leaf stacked (double quantization's constants per layer)."""
-    if not stack:
-        q = quantize_array(x, cfg)
-    else:
-        lead = x.shape[:stack]
-        flat = x.reshape(-1, *x.shape[stack:])
-        q = jax.lax.map(lambda a: quantize_array(a, cfg), flat)
-        q = jax.tree.map(lambda a: a.reshape(*lead, *a.shape[1:]), q)
+    one layer's metadata, every leaf stacked (double quantization's constants per layer).
+
+    ``x`` split over a mesh (a NamedSharding, concrete or abstract) is quantized where its shards
+    lie, into a QArray sharded to match (``sharding.py``)."""
+    def layers(a):
+        if not stack:
+            return quantize_array(a, cfg)
+        flat = a.reshape(-1, *a.shape[stack:])
+        q = jax.lax.map(lambda one: quantize_array(one, cfg), flat)
+        return jax.tree.map(lambda leaf: leaf.reshape(*a.shape[:stack], *leaf.shape[1:]), q)
+
+    q = sharding.quantize_in_shards(layers, x) if sharding.is_sharded(x) else layers(x)
     raise_if_nonfinite(x, q)
     return q
 
@@ -293,6 +297,10 @@ def quantize_tree(params, policy: Policy | None = None, *, layouts: dict[str, La
     about the input tree alone; the caller must not use those arrays afterwards. Abstract trees
     (``jax.ShapeDtypeStruct`` leaves, e.g. from ``jax.eval_shape``) give abstract QArrays, to plan
     memory or restore checkpoints without allocating.
+
+    Sharded leaves (``NamedSharding`` over a ``Mesh``, concrete or abstract) are quantized where
+    their shards lie, each device its own, into QArrays sharded the same way
+    (``qarray_sharding``: a split block axis must cut whole blocks, else ``ValueError``).
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxquant as jq
@@ -319,8 +327,10 @@ def quantize_tree(params, policy: Policy | None = None, *, layouts: dict[str, La
         decision = decisions[path_str(path)]
         if decision.config is None:
             return leaf
-        if isinstance(leaf, jax.ShapeDtypeStruct):
+        if isinstance(leaf, jax.ShapeDtypeStruct) and not sharding.is_sharded(leaf):
             out = jax.eval_shape(lambda a: quantize_leaf(a, decision.config, decision.stack), leaf)
+        elif isinstance(leaf, jax.ShapeDtypeStruct):  # abstract, carrying its sharding
+            out = quantize_leaf(leaf, decision.config, decision.stack)
         else:
             out = quantize_leaf(jnp.asarray(leaf), decision.config, decision.stack)
             if donate and isinstance(leaf, jax.Array):
