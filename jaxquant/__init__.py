@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from jaxquant._src.bnb import from_bnb, to_bnb
 from jaxquant._src.codebooks import QTYPES
 from jaxquant._src.io import CheckpointError, load, save
-from jaxquant._src.matmul import qmatmul
+from jaxquant._src.matmul import implementation, qmatmul
 from jaxquant._src.memory import bits_per_param, memory_table, nbytes, num_params
 from jaxquant._src.qarray import QArray, validate
 from jaxquant._src.config import QuantConfig
@@ -29,6 +29,7 @@ __all__ = [
     "dequantize_into",
     "dequantize_tree",
     "format_report",
+    "implementation",
     "load",
     "from_bnb",
     "memory_report",

@@ -111,3 +111,27 @@ def test_kernels_do_not_import_the_public_op():
             elif isinstance(node, ast.Import):
                 imported |= {a.name for a in node.names}
         assert "jaxquant._src.matmul" not in imported, path.name
+
+
+def test_implementation_context_sets_what_auto_means_for_whole_models(monkeypatch, rng):
+    """A Linen model traced inside ``jq.implementation("xla")`` lowers no kernel on a Hopper
+    machine (what a multi-GPU mesh needs); outside it, auto takes the kernel; bad names raise."""
+    import flax.linen as nn
+
+    monkeypatch.setattr(platform, "hopper_present", lambda: True)
+    jax.clear_caches()
+    try:
+        model = nn.Dense(2048, use_bias=False, dtype=jnp.bfloat16)  # big enough for auto's kernel
+        x = jnp.ones((16, 1024), jnp.bfloat16)
+        q = jq.quantize_tree(model.init(jax.random.key(0), x))
+        lower = lambda: jax.jit(lambda q, x: jq.flax.apply(model, q, x, check=False)).trace(q, x).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in lower()
+        with jq.implementation("xla"):
+            assert "mosaic_gpu" not in lower()
+        assert "mosaic_gpu" in lower()
+        with pytest.raises(ValueError, match="implementation must be one of"):
+            with jq.implementation("fast"):
+                pass
+    finally:
+        jax.clear_caches()

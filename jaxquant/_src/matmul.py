@@ -8,6 +8,8 @@ the reference on every backend and the fallback for whatever a kernel does not h
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -20,6 +22,7 @@ from jaxquant._src.matmul_xla import qmatmul_xla
 from jaxquant._src.qarray import QArray, validate
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
+_DEFAULT = contextvars.ContextVar("jaxquant_qmatmul_implementation", default="auto")
 _COMPUTE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -82,6 +85,28 @@ def _qmatmul_bwd(implementation, interpret, compute_dtype, q, g):
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
+@contextlib.contextmanager
+def implementation(name: str):
+    """What ``implementation="auto"`` means inside the block, for every ``qmatmul`` traced there
+    (through ``jq.flax.apply``, NNX modules, qeinsum): e.g. ``"xla"`` under a multi-GPU mesh,
+    where XLA partitions the XLA path but gathers a kernel's operands. It acts at trace time: a
+    function jitted before keeps the choice it was traced with.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> q = jq.quantize(jnp.ones((256, 128)), "nf4", 64, axis=0)
+      >>> with jq.implementation("xla"):
+      ...     y = jq.qmatmul(jnp.ones((2, 256)), q)
+    """
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
+    token = _DEFAULT.set(name)
+    try:
+        yield
+    finally:
+        _DEFAULT.reset(token)
+
+
 def qmatmul(x, q: QArray, *, implementation: str = "auto", interpret: bool = False,
             compute_dtype=None) -> jax.Array:
     """``x @ dequantize(q)`` for ``q = quantize(W, axis=0)``, W of shape ``[K, N]``.
@@ -91,7 +116,7 @@ def qmatmul(x, q: QArray, *, implementation: str = "auto", interpret: bool = Fal
       q: the quantized weight (any qtype; absmax, affine or double-quantized constants).
       implementation: ``"xla"`` (dequantize then dot; every backend), ``"pallas"`` (the kernel;
         ``NotImplementedError`` where it does not apply) or ``"auto"`` (the kernel where it is
-        supported, else XLA).
+        supported, else XLA; ``jaxquant.implementation`` sets what it means in a block).
       interpret: run the Pallas kernel in interpret mode (how the kernel is tested on CPU).
       compute_dtype: dtype of the matmul operands (bfloat16 by default; float16 or float32);
         accumulation is always float32. The output has x's dtype.
@@ -111,5 +136,7 @@ def qmatmul(x, q: QArray, *, implementation: str = "auto", interpret: bool = Fal
     """
     if not isinstance(x, jax.Array):
         x = jnp.asarray(x)
+    if implementation == "auto":
+        implementation = _DEFAULT.get()
     compute = _check(x, q, implementation, compute_dtype)
     return _qmatmul(x, q, implementation, interpret, compute)
