@@ -27,6 +27,7 @@ import re
 import secrets
 import stat
 import zlib
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,13 @@ def save(path: str | os.PathLike, tree) -> None:
             tensors[name] = _bytes(a).reshape(*a.shape, a.dtype.itemsize)
     text = json.dumps(layout)
     metadata = {"format": FORMAT, "layout": text, "checksum": _checksum(text, tensors)}
+    atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[pathlib.Path], None]) -> None:
+    """``write(tmp)`` fills a new file beside ``path``, which is fsync'd and renamed over ``path``:
+    a reader sees the old file or the whole new one, never a part. The new file keeps the mode of
+    the one it replaces (else 0o666 less the umask); on any error the temporary file is removed."""
     path = pathlib.Path(path)
     try:
         mode = stat.S_IMODE(path.stat().st_mode)  # a plain open() keeps the replaced file's mode
@@ -159,7 +167,7 @@ def save(path: str | os.PathLike, tree) -> None:
         mode = None
     tmp, mode = _create_beside(path, mode)
     try:
-        safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         os.chmod(tmp, mode)  # safetensors replaces the file it is given with a 0o600 one
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

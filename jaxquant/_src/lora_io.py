@@ -10,14 +10,13 @@ q_proj.lora_A.weight`` of shape ``(r, in)`` and ``...lora_B.weight`` ``(out, r)`
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
-import tempfile
 
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant._src.io import atomic_write
 from jaxquant._src.lora import Adapter, AdapterError
 
 FORMAT = "jaxquant.lora/1"
@@ -30,16 +29,7 @@ _PEFT_KEY = re.compile(r"^base_model\.model\.(?:model\.layers\.(\d+)\.)?(.+)\.lo
 
 def _atomic_write(path: pathlib.Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
 
 
 def _host(x, dtype=None) -> np.ndarray:
