@@ -1,5 +1,7 @@
 """QArrays under jax.sharding on 8 fake CPU devices (conftest sets the XLA flag)."""
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -175,3 +177,42 @@ def test_qlora_step_data_parallel_on_an_fsdp_sharded_base_equals_the_unsharded_s
         want, want_loss = step(adapters, opt.init(adapters), q, x, target)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+HF_TINY = pathlib.Path(__file__).parent / "data" / "hf_tiny"
+
+
+@pytest.mark.parametrize("variant,policy", [("float", None), ("float", "nf4"), ("nf4_dq", None)])
+def test_hf_load_reads_into_tensor_parallel_shards(variant, policy):
+    """hf.load(mesh=) puts each weight in its Megatron shards (float ones read device by device,
+    quantized there by the policy); the logits equal the unsharded load's."""
+    from jaxquant.models import hf
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
+    pol = None if policy is None else jq.Policy(rules=(jq.Rule(r"_proj/kernel$", "nf4", 64, 0, True),))
+    model, want_params = hf.load(HF_TINY / variant, policy=pol)
+    _, params = hf.load(HF_TINY / variant, policy=pol, mesh=mesh)
+    layer = params["params"]["layers_0"]
+    embedding = params["params"]["embed_tokens"]["embedding"]
+    assert embedding.sharding.spec == P(None, "model")
+    assert [s.data.shape for s in embedding.addressable_shards] == [(256, 64)] * 2
+    o_proj, up = layer["self_attn"]["o_proj"]["kernel"], layer["mlp"]["up_proj"]["kernel"]
+    if isinstance(o_proj, jq.QArray):
+        assert o_proj.codes.sharding.spec == P(None, "model") and up.codes.sharding.spec == P("model", None)
+    else:
+        assert o_proj.sharding.spec == P("model", None) and up.sharding.spec == P(None, "model")
+    chex.assert_trees_all_equal_structs(params, want_params)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):  # same bytes
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    tokens = jnp.arange(8, dtype=jnp.int32)[None]
+    run = jax.jit(lambda p: jq.flax.apply(model, p, tokens, check=False))
+    np.testing.assert_allclose(np.asarray(run(params), np.float32), np.asarray(run(want_params), np.float32),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_hf_load_refuses_shards_that_cut_blocks():
+    from jaxquant.models import hf
+
+    mesh = Mesh(np.array(jax.devices()), ("model",))  # o_proj's 128 inputs over 8: 16, not 64
+    with pytest.raises(ValueError, match="each shard must hold whole blocks of 64"):
+        hf.load(HF_TINY / "nf4_dq", mesh=mesh)

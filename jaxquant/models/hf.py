@@ -26,17 +26,19 @@ import pathlib
 import re
 import shutil
 import tempfile
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors reads bf16 tensors)
 import numpy as np
-import safetensors
 import safetensors.numpy
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxquant as jq
-from jaxquant._src.tree import plan
+from jaxquant._src.tree import plan, quantize_leaf
 from jaxquant.models import hf_config, llama
+from jaxquant.models.hf_files import Checkpoint
 from jaxquant.models.hf_config import SUPPORTED, config_from_hf, config_to_hf  # noqa: F401
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -66,77 +68,19 @@ def _modules(config: llama.LlamaConfig) -> dict[str, tuple]:
     return out
 
 
-class _Checkpoint:
-    """The tensors of a checkpoint folder (one file or shards), read one at a time."""
-
-    def __init__(self, path: pathlib.Path):
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise jq.CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
-            files = sorted(set(weight_map.values()))
-        elif (path / "model.safetensors").exists():
-            files, weight_map = ["model.safetensors"], None
-        else:
-            raise jq.CheckpointError(f"{path}: holds neither model.safetensors nor "
-                                     f"model.safetensors.index.json")
-        self.where, self.info = {}, {}
-        for name in files:
-            file = path / name
-            if not file.exists():
-                raise jq.CheckpointError(f"{file}: missing (a shard listed in {index.name})")
-            with self._open(file) as f:
-                for key in f.keys():
-                    s = f.get_slice(key)
-                    self.where[key], self.info[key] = file, (s.get_dtype(), tuple(s.get_shape()))
-        for key, name in (weight_map or {}).items():
-            if self.where.get(key) != path / name:
-                raise jq.CheckpointError(f"{path / name}: lacks {key!r}, which {index.name} puts there")
-        self._handles = {}
-
-    @staticmethod
-    def _open(file):
-        try:
-            return safetensors.safe_open(str(file), framework="numpy")
-        except (safetensors.SafetensorError, OSError) as e:
-            raise jq.CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-
-    def get(self, key: str) -> np.ndarray:
-        if key not in self.where:
-            raise jq.CheckpointError(f"{self.describe()}: tensor {key!r} is missing")
-        file = self.where[key]
-        try:
-            if file not in self._handles:
-                self._handles[file] = self._open(file).__enter__()
-            return self._handles[file].get_tensor(key)
-        except (safetensors.SafetensorError, OSError, TypeError) as e:
-            raise jq.CheckpointError(f"{file}: cannot read {key!r} ({e})") from None
-
-    def describe(self) -> str:
-        files = sorted({str(f) for f in self.where.values()})
-        return files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} shards)"
-
-    def close(self):
-        for h in self._handles.values():
-            h.__exit__(None, None, None)
-        self._handles.clear()
-
-
 def _set(tree: dict, path: tuple, value) -> None:
     for part in path[:-1]:
         tree = tree.setdefault(part, {})
     tree[path[-1]] = value
 
 
-def _linear_kind(ckpt: _Checkpoint, module: str) -> str:
+def _linear_kind(ckpt: Checkpoint, module: str) -> str:
     if any(k.startswith(f"{module}.weight.quant_state.bitsandbytes__") for k in ckpt.where):
         return "bnb4"
     return "bnb8" if f"{module}.SCB" in ckpt.where else "float"
 
 
-def _read_bnb4(ckpt: _Checkpoint, module: str, shape: tuple) -> jq.QArray:
+def _read_bnb4(ckpt: Checkpoint, module: str, shape: tuple) -> jq.QArray:
     prefix = f"{module}.weight"
     entries = {k: ckpt.get(k) for k in ckpt.where if k == prefix or k.startswith(prefix + ".")}
     try:
@@ -150,7 +94,7 @@ def _read_bnb4(ckpt: _Checkpoint, module: str, shape: tuple) -> jq.QArray:
     return q
 
 
-def _read_bnb8(ckpt: _Checkpoint, module: str, shape: tuple, dtype) -> jq.QArray:
+def _read_bnb8(ckpt: Checkpoint, module: str, shape: tuple, dtype) -> jq.QArray:
     weight, scb = ckpt.get(f"{module}.weight"), ckpt.get(f"{module}.SCB")
     file = ckpt.where[f"{module}.weight"]
     if weight.dtype != np.int8 or weight.shape != shape:
@@ -168,7 +112,21 @@ def _read_bnb8(ckpt: _Checkpoint, module: str, shape: tuple, dtype) -> jq.QArray
                                  dtype=np.dtype(dtype), qtype="int8", block_size=shape[1], axis=0))
 
 
-def load(path: str | os.PathLike, *, dtype=None, policy: jq.Policy | None = None):
+_COLUMN = re.compile(r"(q_proj|k_proj|v_proj|gate_proj|up_proj|lm_head)/kernel$")
+_ROW = re.compile(r"(o_proj|down_proj)/kernel$")
+
+
+def tensor_parallel(path: str, axis: str = "model") -> P:
+    """Megatron-style specs for the Llama port over mesh axis ``axis``: q/k/v/gate/up and the LM
+    head split along their outputs, o/down along their inputs (so one all-reduce per attention and
+    per MLP block), the embedding along its hidden axis, the norms whole."""
+    if _COLUMN.search(path) or path.endswith("embedding"):
+        return P(None, axis)
+    return P(axis, None) if _ROW.search(path) else P()
+
+
+def load(path: str | os.PathLike, *, dtype=None, policy: jq.Policy | None = None, mesh: Mesh | None = None,
+         specs: Callable[[str], P] = tensor_parallel):
     """Read a Hugging Face ``LlamaForCausalLM`` checkpoint folder into ``(model, params)``.
 
     Tensor by tensor (host memory: the output plus one tensor). Float weights stay float (cast to
@@ -182,6 +140,10 @@ def load(path: str | os.PathLike, *, dtype=None, policy: jq.Policy | None = None
         (``dtype``/``torch_dtype`` in config.json).
       policy: a ``jaxquant.Policy`` for the float weights (paths as in the Linen tree, e.g.
         ``params/layers_0/mlp/gate_proj/kernel``).
+      mesh: a ``jax.sharding.Mesh``: each weight is read straight into its shards (a float
+        weight device by device from the file; a stored 4-/8-bit one whole, then placed), as
+        ``specs(path)`` says, and quantized there by ``policy``.
+      specs: path -> ``PartitionSpec`` of the Flax weight (``tensor_parallel`` by default).
 
     Returns:
       ``(llama.Llama(config, dtype), {"params": ...})``.
@@ -203,14 +165,14 @@ def load(path: str | os.PathLike, *, dtype=None, policy: jq.Policy | None = None
     raw = hf_config.read(path)
     config, stored_dtype, quant = config_from_hf(raw, path / "config.json")
     dtype = np.dtype(dtype or stored_dtype)
-    ckpt = _Checkpoint(path)
+    ckpt = Checkpoint(path)
     try:
-        return llama.Llama(config, dtype=dtype), _read(ckpt, config, quant, dtype, policy)
+        return llama.Llama(config, dtype=dtype), _read(ckpt, config, quant, dtype, policy, mesh, specs)
     finally:
         ckpt.close()
 
 
-def _read(ckpt: _Checkpoint, config, quant: str | None, dtype, policy) -> dict:
+def _read(ckpt: Checkpoint, config, quant: str | None, dtype, policy, mesh, specs) -> dict:
     modules = _modules(config)
     kinds, abstract, used = {}, {}, set()
     for module, (ppath, kind, shape) in modules.items():
@@ -244,19 +206,23 @@ def _read(ckpt: _Checkpoint, config, quant: str | None, dtype, policy) -> dict:
     decisions = plan(abstract, policy) if policy is not None else {}
     params = {}
     for module, (ppath, kind, shape) in modules.items():
-        if kinds[module] == "bnb4":
-            leaf = _read_bnb4(ckpt, module, shape)
-        elif kinds[module] == "bnb8":
-            leaf = _read_bnb8(ckpt, module, shape, dtype)
+        name = "/".join(("params", *ppath))
+        place = None if mesh is None else NamedSharding(mesh, specs(name))
+        if kinds[module] in ("bnb4", "bnb8"):
+            leaf = (_read_bnb4(ckpt, module, shape) if kinds[module] == "bnb4"
+                    else _read_bnb8(ckpt, module, shape, dtype))
+            if place is not None:
+                leaf = jax.device_put(leaf, jq.qarray_sharding(leaf, mesh, place.spec))
         else:
-            w = ckpt.get(f"{module}.weight")
-            w = jnp.asarray(np.ascontiguousarray(w.T) if kind == "linear" else w, dtype)
-            decision = decisions.get("/".join(("params", *ppath)))
-            cfg = decision.config if decision is not None else None
-            if cfg is not None:
-                w = jq.quantize(w, cfg.qtype, cfg.block_size, cfg.axis, cfg.double_quant,
-                                zero_point=cfg.zero_point, nested_block_size=cfg.nested_block_size)
-            leaf = w
+            key = f"{module}.weight"
+            if place is None:
+                w = ckpt.get(key)
+                leaf = jnp.asarray(np.ascontiguousarray(w.T) if kind == "linear" else w, dtype)
+            else:
+                leaf = ckpt.get_sharded(key, place, dtype, transpose=kind == "linear")
+            decision = decisions.get(name)
+            if decision is not None and decision.config is not None:
+                leaf = quantize_leaf(leaf, decision.config)  # where its shards lie
         _set(params, ppath, leaf)
     return {"params": params}
 
