@@ -5,8 +5,12 @@ Random weights with real Llama-3-8B / Llama-3.2-1B shapes on this repo's Flax Ll
 (bfloat16 compute, every block under ``nn.remat``), LoRA rank 16 / alpha 32 on q/k/v/o/gate/up/
 down of every block, AdamW on the adapters, causal-LM loss. Step = forward + backward + update,
 median of ``--steps`` timed steps after 2 warm-ups; forward-only and forward+backward are timed
-too, to say which part dominates. Peak device memory from ``memory_stats()['peak_bytes_in_use']``;
-each model size runs in its own process (the peak only grows), batches in increasing order.
+too, to say which part dominates (``--no-breakdown`` skips them: two compiles fewer). Peak device
+memory from ``memory_stats()['peak_bytes_in_use']``; each model size runs in its own process (the
+peak only grows), batches in increasing order; its progress lines (build time, compile time) are
+echoed as they come and the JSON is rewritten after each, so a run cut short shows how far it got.
+On the H200: ``PYTHONPATH=. python3 experiments/bench_qlora.py --sizes 8b --batches 1,4 --steps 3
+--no-breakdown`` alone in one command, then ``--qwix``.
 Writes experiments/results/bench_qlora_<device>.json. Peers (ANCHORS.md, H200): qwix NF4 4521 /
 6941 tok/s at 1x1024 / 4x1024 (8B); peft + bitsandbytes NF4+DQ peak 8.1 / 13.7 GB.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -55,6 +60,14 @@ def _loss(logits, tokens):
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
 
+def _write(rows: list[dict]) -> None:
+    commit = os.environ.get("JAXQUANT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    device = jax.devices()[0].device_kind
+    out = pathlib.Path(__file__).parent / "results" / f"bench_qlora_{device.replace(' ', '_')}.json"
+    out.write_text(json.dumps(dict(device=device, jax=jax.__version__, commit=commit, rows=rows), indent=2))
+
+
 def _random_params(model, tokens, dtype=jnp.bfloat16):
     """Random bf16 weights leaf by leaf (no float32 copy of the model)."""
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
@@ -68,7 +81,7 @@ def _random_params(model, tokens, dtype=jnp.bfloat16):
     return jax.tree.unflatten(treedef, out)
 
 
-def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int) -> list[dict]:
+def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int, breakdown: bool = True) -> list[dict]:
     import optax
 
     import jaxquant as jq
@@ -77,11 +90,13 @@ def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int) -> list
 
     config = LlamaConfig(**SHAPES[size], tie_embeddings=False)
     model = llama.Llama(config, dtype=jnp.bfloat16, remat=True)
+    start = time.perf_counter()
     params = _random_params(model, jnp.zeros((1, seq), jnp.int32))
     policy = jq.Policy(rules=(jq.Rule(r"_proj/kernel$", "nf4", 64, 0, variant == "nf4+dq"),))
     qparams = jq.quantize_tree(params, policy, donate=True)
     del params
     weights_gb = jq.nbytes(qparams) / 1e9
+    print(f"built {size} {variant}: {weights_gb:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
     adapters = jq.lora.init(jax.random.key(1), qparams, rank=16, alpha=32.0)
     opt = optax.adamw(1e-4)
     rows = []
@@ -98,9 +113,11 @@ def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int) -> list
             return optax.apply_updates(ad, updates), state, value
 
         state = opt.init(adapters)
+        start = time.perf_counter()
         for _ in range(2):
             adapters, state, value = step(adapters, state, qparams)
         jax.block_until_ready(value)
+        print(f"batch {batch}: compile + 2 steps {time.perf_counter() - start:.0f} s", flush=True)
         holder = {"ad": adapters, "st": state}
 
         def one():
@@ -109,12 +126,14 @@ def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int) -> list
 
         t_step = _timed(one, steps)
         peak = _peak_gb()
-        fwd(adapters, qparams), grad(adapters, qparams)
-        t_fwd = _timed(lambda: fwd(holder["ad"], qparams), steps)
-        t_grad = _timed(lambda: grad(holder["ad"], qparams), steps)
+        t_fwd = t_grad = None
+        if breakdown:  # two more compiles of the whole model
+            fwd(adapters, qparams), grad(adapters, qparams)
+            t_fwd = _timed(lambda: fwd(holder["ad"], qparams), steps)
+            t_grad = _timed(lambda: grad(holder["ad"], qparams), steps)
         rows.append(dict(lib="jaxquant", size=size, variant=variant, batch=batch, seq=seq,
                          step_s=t_step, tokens_per_s=batch * seq / t_step, forward_s=t_fwd,
-                         forward_backward_s=t_grad, update_s=t_step - t_grad, weights_gb=weights_gb,
+                         forward_backward_s=t_grad, update_s=None if t_grad is None else t_step - t_grad, weights_gb=weights_gb,
                          peak_gb=peak, loss=float(value)))
         print(json.dumps(rows[-1]), flush=True)
         adapters = holder["ad"]
@@ -178,6 +197,8 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--variants", default="nf4+dq")
     p.add_argument("--qwix", action="store_true", help="also run qwix's QLoRA (if importable)")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the forward / forward+backward "
+                   "timings (two compiles fewer)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "lib:size:variant" in a child process
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -185,7 +206,7 @@ def main():
         lib, size, variant = args.one.split(":")
         try:
             rows = (run_qwix(size, batches, args.seq, args.steps) if lib == "qwix"
-                    else run_jaxquant(size, variant, batches, args.seq, args.steps))
+                    else run_jaxquant(size, variant, batches, args.seq, args.steps, not args.no_breakdown))
         except Exception as e:  # a peer that does not import or run is a missing column, not a crash
             rows = [dict(lib=lib, size=size, variant=variant, error=f"{type(e).__name__}: {e}"[:500])]
         print("ROWS " + json.dumps(rows), flush=True)
@@ -196,16 +217,22 @@ def main():
     rows = []
     for lib, size, variant in jobs:
         cmd = [sys.executable, __file__, "--one", f"{lib}:{size}:{variant}", "--batches", args.batches,
-               "--seq", str(args.seq), "--steps", str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        found = [line[5:] for line in out.stdout.splitlines() if line.startswith("ROWS ")]
+               "--seq", str(args.seq), "--steps", str(args.steps)] + (["--no-breakdown"] if args.no_breakdown else [])
+        # the child's lines as they come (a run cut short by a time limit still shows how far it got)
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        found, tail = [], []
+        for line in child.stdout:
+            if line.startswith("ROWS "):
+                found.append(line[5:])
+            else:
+                tail = (tail + [line])[-20:]
+                if not line.startswith(("W0", "I0", " ")):
+                    print(f"  [{lib} {size} {variant}] {line.rstrip()}", flush=True)
+        child.wait()
         rows += json.loads(found[-1]) if found else [dict(lib=lib, size=size, variant=variant,
-                                                          error=out.stderr[-800:])]
+                                                          error="".join(tail)[-800:])]
         print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    device = jax.devices()[0].device_kind
-    out = pathlib.Path(__file__).parent / "results" / f"bench_qlora_{device.replace(' ', '_')}.json"
-    out.write_text(json.dumps(dict(device=device, jax=jax.__version__, commit=commit, rows=rows), indent=2))
+        _write(rows)
     print(f"{'lib':<9} {'size':<4} {'variant':<7} {'bxs':>7} {'step s':>7} {'tok/s':>7} {'fwd s':>6} "
           f"{'f+b s':>6} {'peak GB':>7}")
     for r in rows:
@@ -213,8 +240,8 @@ def main():
             print(f"{r['lib']:<9} {r['size']:<4} {r['variant']:<7} error: {r['error'][:100]}")
             continue
         print(f"{r['lib']:<9} {r['size']:<4} {r['variant']:<7} {r['batch']}x{r['seq']:<5} {r['step_s']:>7.3f} "
-              f"{r['tokens_per_s']:>7.0f} {r.get('forward_s', float('nan')):>6.3f} "
-              f"{r.get('forward_backward_s', float('nan')):>6.3f} {r['peak_gb']:>7.2f}")
+              f"{r['tokens_per_s']:>7.0f} {r.get('forward_s') or float('nan'):>6.3f} "
+              f"{r.get('forward_backward_s') or float('nan'):>6.3f} {r['peak_gb']:>7.2f}")
 
 
 if __name__ == "__main__":
