@@ -182,7 +182,7 @@ def test_qlora_step_data_parallel_on_an_fsdp_sharded_base_equals_the_unsharded_s
 HF_TINY = pathlib.Path(__file__).parent / "data" / "hf_tiny"
 
 
-@pytest.mark.parametrize("variant,policy", [("float", None), ("float", "nf4"), ("nf4_dq", None)])
+@pytest.mark.parametrize("variant,policy", [("float", None), ("float", "nf4"), ("nf4_dq", None), ("int8", None)])
 def test_hf_load_reads_into_tensor_parallel_shards(variant, policy):
     """hf.load(mesh=) puts each weight in its Megatron shards (float ones read device by device,
     quantized there by the policy); the logits equal the unsharded load's."""
@@ -216,3 +216,91 @@ def test_hf_load_refuses_shards_that_cut_blocks():
     mesh = Mesh(np.array(jax.devices()), ("model",))  # o_proj's 128 inputs over 8: 16, not 64
     with pytest.raises(ValueError, match="each shard must hold whole blocks of 64"):
         hf.load(HF_TINY / "nf4_dq", mesh=mesh)
+
+
+def test_spec_errors_are_value_errors_that_name_the_problem(mesh):
+    q = jq.quantize(jnp.ones((512, 256)), "nf4", 64, axis=0)
+    with pytest.raises(ValueError, match="names mesh axis 'nope', which the mesh"):
+        jq.qarray_sharding(q, mesh, P("nope", None))  # on the block axis: was a bare KeyError
+    with pytest.raises(ValueError, match="names mesh axis 'nope'"):
+        jq.qarray_sharding(q, mesh, P(None, "nope"))
+    with pytest.raises(ValueError, match=r"splits dimension 1 \(size 100\).*over 8 devices"):
+        jq.qarray_sharding(jq.quantize(jnp.ones((512, 100)), "nf4", 64, axis=0), mesh, P(None, "model"))
+    # merged (heads, head_dim) block axis: 512 splits over 8, but 4 heads do not
+    merged = jq.quantize(jnp.ones((4, 128, 32)), "nf4", 64, axis=(0, 1))
+    with pytest.raises(ValueError, match=r"splits dimension 0 \(size 4\)"):
+        jq.qarray_sharding(merged, mesh, P("model"))
+    with pytest.raises(TypeError, match="PartitionSpec"):
+        jq.qarray_sharding(q, mesh, None)
+    two_d = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    assert jq.qarray_sharding(q, two_d, P(None, ("data", "model"))).codes.spec == P(("data", "model"), None)
+
+
+def test_one_block_per_row_shards_row_parallel_with_the_constants_replicated(mesh, rng):
+    """Per-channel constants (LLM.int8's row scales) have one block per row: the codes split
+    along K, the single constant is replicated along it, and the bytes equal the unsharded ones."""
+    w = jnp.asarray(rng.standard_normal((512, 256)), jnp.float32)
+    policy = jq.Policy(rules=(jq.Rule("kernel", "int8", None, 0, False),))
+    got = jq.quantize_tree({"kernel": jax.device_put(w, NamedSharding(mesh, P("model", None)))}, policy)["kernel"]
+    want = jq.quantize_tree({"kernel": w}, policy)["kernel"]
+    for g, w_ in zip(bits(got), bits(want)):
+        np.testing.assert_array_equal(g, w_)
+    assert got.codes.sharding.spec == P(None, "model") and got.scale.sharding.spec == P(None, None)
+    assert {s.data.shape for s in got.codes.addressable_shards} == {(256, 64)}
+    with pytest.raises(ValueError, match="even number of packed 4-bit codes"):  # 9 nibbles a shard
+        jq.qarray_sharding(jq.quantize(jnp.ones((72, 64)), "nf4", None, axis=0), mesh, P("model"))
+
+
+def test_sharded_leaves_of_one_shape_compile_once(mesh, rng, caplog):
+    """A fresh jit per sharded leaf compiled every layer of a model again."""
+    w = jnp.asarray(rng.standard_normal((384, 192)), jnp.float32)
+    params = {f"k{i}": jax.device_put(w + i, NamedSharding(mesh, P(None, "model"))) for i in range(3)}
+    policy = jq.Policy(rules=(jq.Rule("k", "int8", 64, 0, False),))
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+        out = jq.quantize_tree(params, policy)
+    assert sum("Compiling jit(layers)" in r.getMessage() for r in caplog.records) <= 1
+    for i in range(3):
+        for g, w_ in zip(bits(out[f"k{i}"]), bits(jq.quantize_tree({"k": w + i}, policy)["k"])):
+            np.testing.assert_array_equal(g, w_)
+
+
+def test_a_spec_that_cannot_shard_raises_before_anything_is_quantized_or_donated(mesh, rng):
+    w = jnp.asarray(rng.standard_normal((512, 256)), jnp.float32)
+    good = jax.device_put(w, NamedSharding(mesh, P(None, "model")))
+    bad = jax.device_put(w[:256], NamedSharding(mesh, P("model", None)))  # 32 rows a shard, blocks of 64
+    policy = jq.Policy(rules=(jq.Rule("a|b", "nf4", 64, 0, True),))
+    with pytest.raises(jq.PolicyError, match=r"'b' \(256, 256\).*each shard must hold whole blocks of 64"):
+        jq.quantize_tree({"a": good, "b": bad}, policy, donate=True)
+    assert not good.is_deleted() and not bad.is_deleted()
+    # NNX modules are quantized in place: no layer is replaced before the error
+    from flax import nnx
+    model = nnx.Sequential(nnx.Linear(512, 256, rngs=nnx.Rngs(0)), nnx.Linear(256, 512, rngs=nnx.Rngs(1)))
+    model.layers[0].kernel[...] = jax.device_put(model.layers[0].kernel[...], NamedSharding(mesh, P(None, "model")))
+    model.layers[1].kernel[...] = jax.device_put(model.layers[1].kernel[...], NamedSharding(mesh, P("model", None)))
+    with pytest.raises(jq.PolicyError, match="layers/1/kernel"):
+        jq.flax.quantize_module(model)
+    assert type(model.layers[0]) is nnx.Linear
+
+
+def test_hf_load_names_the_weight_a_spec_does_not_fit(tmp_path):
+    import functools
+    import shutil
+
+    from jaxquant.models import hf
+
+    data = Mesh(np.array(jax.devices()[:2]), ("data",))
+    with pytest.raises(ValueError, match=r"specs\('params/embed_tokens/embedding'\) = .* the mesh \{'data': 2\}"):
+        hf.load(HF_TINY / "nf4_dq", mesh=data)
+    _, params = hf.load(HF_TINY / "float", mesh=data, specs=functools.partial(hf.tensor_parallel, axis="data"))
+    assert params["params"]["embed_tokens"]["embedding"].sharding.spec == P(None, "data")
+    two = Mesh(np.array(jax.devices()[:2]), ("model",))
+    with pytest.raises(ValueError, match="3 entries for 2 dimensions"):  # was an IndexError
+        hf.load(HF_TINY / "float", mesh=two, specs=lambda path: P(None, None, "model"))
+    with pytest.raises(TypeError, match="not a PartitionSpec"):
+        hf.load(HF_TINY / "float", mesh=two, specs=lambda path: None)
+    # a truncated shard: the checkpoint's error, not safetensors'
+    shutil.copytree(HF_TINY / "float", tmp_path / "float")
+    shard = tmp_path / "float" / "model-00002-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(jq.CheckpointError, match="model-00002-of-00003"):
+        hf.load(tmp_path / "float", mesh=two)

@@ -22,7 +22,7 @@ from jaxquant._src import layout, lora_flax
 from jaxquant._src.dequantize import dequantize
 from jaxquant._src.qarray import QArray
 from jaxquant._src.qeinsum import contracted_axes, matrix_form, parse, qeinsum
-from jaxquant._src.tree import Layout, Policy, plan, quantize_leaf
+from jaxquant._src.tree import Layout, Policy, check_shards, plan, quantize_leaf
 
 nnx.register_data_type(QArray)
 
@@ -206,6 +206,7 @@ def quantize_module(module: nnx.Module, policy: Policy | None = None, *, lora_ra
         params[key] = value
         layouts[key] = Layout(lay.axis, value.ndim - ndim, lay.module, lay.why_not)
     decisions = plan(params, policy, layouts)
+    check_shards(params, decisions)  # before the first layer is replaced: no half-quantized module
     for path, m, name, value, lay, ndim in found:
         decision = decisions["/".join(map(str, (*path, name)))]
         if decision.config is None:

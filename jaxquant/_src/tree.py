@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import re
 import warnings
@@ -265,22 +266,54 @@ def _config(leaf, rule: Rule, lay: Layout | None, stack: int):
     return cfg, None
 
 
-def quantize_leaf(x, cfg: QuantConfig, stack: int = 0) -> QArray:
-    """Quantize ``x`` by ``cfg``; with ``stack`` leading stack dims, layer by layer (``layout.py``):
-    one layer's metadata, every leaf stacked (double quantization's constants per layer).
-
-    ``x`` split over a mesh (a NamedSharding, concrete or abstract) is quantized where its shards
-    lie, into a QArray sharded to match (``sharding.py``)."""
+@functools.lru_cache(maxsize=None)
+def _layers(cfg: QuantConfig, stack: int):
+    """``x -> QArray`` for ``cfg`` with ``stack`` leading stack dims (``layout.py``): one layer's
+    metadata, every leaf stacked (double quantization's constants per layer). One function object
+    per ``(cfg, stack)``: the sharded path caches its compiled program on it."""
     def layers(a):
         if not stack:
             return quantize_array(a, cfg)
         flat = a.reshape(-1, *a.shape[stack:])
         q = jax.lax.map(lambda one: quantize_array(one, cfg), flat)
         return jax.tree.map(lambda leaf: leaf.reshape(*a.shape[:stack], *leaf.shape[1:]), q)
+    return layers
 
+
+def quantize_leaf(x, cfg: QuantConfig, stack: int = 0) -> QArray:
+    """Quantize ``x`` by ``cfg``; with ``stack`` leading stack dims, layer by layer.
+
+    ``x`` split over a mesh (a NamedSharding, concrete or abstract) is quantized where its shards
+    lie, into a QArray sharded to match (``sharding.py``)."""
+    layers = _layers(cfg, stack)
     q = sharding.quantize_in_shards(layers, x) if sharding.is_sharded(x) else layers(x)
     raise_if_nonfinite(x, q)
     return q
+
+
+def check_leaf(x, cfg: QuantConfig, stack: int = 0) -> None:
+    """Raise the ValueError ``quantize_leaf`` would for a sharded ``x`` whose spec cannot shard
+    its QArray, without quantizing (nothing for an unsharded ``x``)."""
+    if sharding.is_sharded(x):
+        sharding.check_in_shards(_layers(cfg, stack), x)
+
+
+def check_shards(params, decisions: dict[str, Decision]) -> None:
+    """Raise PolicyError naming every sharded leaf whose spec cannot shard its QArray, before
+    anything is quantized: so a bad spec costs no quantizing time, and ``donate`` deletes no
+    leaf before the error (it used to delete the leaves before the first bad one)."""
+    errors = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]:
+        decision = decisions[path_str(path)]
+        if decision.config is None:
+            continue
+        try:
+            check_leaf(leaf, decision.config, decision.stack)
+        except ValueError as e:
+            errors.append(f"  {path_str(path)!r} {tuple(leaf.shape)} {leaf.sharding.spec}: {e}")
+    if errors:
+        raise PolicyError(f"cannot quantize {len(errors)} sharded parameter(s) in their shards "
+                          f"(change the spec or the rule's block_size):\n" + "\n".join(errors))
 
 
 def quantize_tree(params, policy: Policy | None = None, *, layouts: dict[str, Layout] | None = None,
@@ -300,7 +333,8 @@ def quantize_tree(params, policy: Policy | None = None, *, layouts: dict[str, La
 
     Sharded leaves (``NamedSharding`` over a ``Mesh``, concrete or abstract) are quantized where
     their shards lie, each device its own, into QArrays sharded the same way
-    (``qarray_sharding``: a split block axis must cut whole blocks, else ``ValueError``).
+    (``qarray_sharding``: a split block axis must cut whole blocks; a spec that cannot shard a
+    leaf raises ``PolicyError`` naming every such leaf, before any leaf is quantized or donated).
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxquant as jq
@@ -310,6 +344,7 @@ def quantize_tree(params, policy: Policy | None = None, *, layouts: dict[str, La
       'QArray'
     """
     decisions = plan(params, policy, layouts)
+    check_shards(params, decisions)
     total = sum(d.config is not None for d in decisions.values())
     bar = tqdm(total=total, desc="quantizing", disable=not progress or total == 0, leave=False)
     # with donate, an array is deleted after its last quantization, and never if a kept leaf is it

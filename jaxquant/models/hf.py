@@ -36,7 +36,7 @@ import safetensors.numpy
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxquant as jq
-from jaxquant._src.tree import plan, quantize_leaf
+from jaxquant._src.tree import check_leaf, plan, quantize_leaf
 from jaxquant.models import hf_config, llama
 from jaxquant.models.hf_files import Checkpoint
 from jaxquant.models.hf_config import SUPPORTED, config_from_hf, config_to_hf  # noqa: F401
@@ -152,6 +152,8 @@ def load(path: str | os.PathLike, *, dtype=None, policy: jq.Policy | None = None
       NotImplementedError: an architecture other than ``SUPPORTED``, or a quantization other than
         bitsandbytes 4-/8-bit. jaxquant.CheckpointError (a ValueError): a missing file, shard or
         key, a shape that disagrees with config.json, a truncated or corrupt safetensors file.
+        ValueError: with ``mesh``, a spec that does not fit its weight (an axis the mesh lacks,
+        an uneven split, shards that cut blocks), naming the weight, before anything is read.
 
     Example:
       >>> import jax.numpy as jnp, jaxquant as jq
@@ -204,15 +206,30 @@ def _read(ckpt: Checkpoint, config, quant: str | None, dtype, policy, mesh, spec
         raise jq.CheckpointError(f"{ckpt.where[extra[0]]}: {extra[0]!r} is not a weight of "
                                  f"{SUPPORTED[0]} with this config.json ({len(extra)} such keys)")
     decisions = plan(abstract, policy) if policy is not None else {}
+    places = {}  # every placement checked before the first weight is read
+    for module, (ppath, kind, shape) in modules.items() if mesh is not None else ():
+        name = "/".join(("params", *ppath))
+        flax_shape = shape[::-1] if kind == "linear" else shape
+        places[module] = _placement(mesh, specs, name, flax_shape)
+        decision = decisions.get(name)
+        if kinds[module] == "float" and decision is not None and decision.config is not None:
+            try:  # the policy's QArray must fit the spec too (whole blocks per shard)
+                check_leaf(jax.ShapeDtypeStruct(flax_shape, dtype, sharding=places[module]), decision.config)
+            except ValueError as e:
+                raise ValueError(f"hf.load: {name}: {e}") from None
     params = {}
     for module, (ppath, kind, shape) in modules.items():
         name = "/".join(("params", *ppath))
-        place = None if mesh is None else NamedSharding(mesh, specs(name))
+        place = places.get(module)
         if kinds[module] in ("bnb4", "bnb8"):
             leaf = (_read_bnb4(ckpt, module, shape) if kinds[module] == "bnb4"
                     else _read_bnb8(ckpt, module, shape, dtype))
             if place is not None:
-                leaf = jax.device_put(leaf, jq.qarray_sharding(leaf, mesh, place.spec))
+                try:
+                    target = jq.qarray_sharding(leaf, mesh, place.spec)
+                except ValueError as e:
+                    raise ValueError(f"hf.load: {name}: {e}") from None
+                leaf = jax.device_put(leaf, target)
         else:
             key = f"{module}.weight"
             if place is None:
@@ -225,6 +242,23 @@ def _read(ckpt: Checkpoint, config, quant: str | None, dtype, policy, mesh, spec
                 leaf = quantize_leaf(leaf, decision.config)  # where its shards lie
         _set(params, ppath, leaf)
     return {"params": params}
+
+
+def _placement(mesh: Mesh, specs: Callable[[str], P], name: str, shape: tuple) -> NamedSharding:
+    """``specs(name)`` on ``mesh`` for the Flax weight of ``shape``, checked to fit it: a ValueError
+    naming the weight, not JAX's (an IndexError for too many entries, an unnamed axis error)."""
+    spec = specs(name)
+    if not isinstance(spec, P):
+        raise TypeError(f"hf.load: specs({name!r}) returned {spec!r}, not a PartitionSpec")
+    try:
+        if len(spec) > len(shape):
+            raise ValueError(f"{len(spec)} entries for {len(shape)} dimensions")
+        place = NamedSharding(mesh, spec)
+        place.shard_shape(shape)  # raises for a dimension the devices do not divide
+    except ValueError as e:
+        raise ValueError(f"hf.load: specs({name!r}) = {spec} does not fit the weight {list(shape)} on "
+                         f"the mesh {dict(mesh.shape)}: {e}") from None
+    return place
 
 
 def _bnb8_entries(q: jq.QArray, module: str) -> dict[str, np.ndarray]:
