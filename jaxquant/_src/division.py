@@ -6,7 +6,7 @@ FP4 and int4 that happens thousands of times in a 4096x14336 bf16 weight, since 
 bf16 numbers is often a simple fraction). XLA CPU divides exactly; XLA GPU lowers float32
 division to PTX ``div.full.f32`` (within 2 ulp, ``-nvptx-prec-divf32=1`` in XLA's NVPTX
 backend), so the GPU's FP4 codes differed from the CPU's in 40,722 of 29.4M bytes
-(BUILD_NOTES, session 5). ``divide`` computes the IEEE quotient with integer long division of
+on an H100. ``divide`` computes the IEEE quotient with integer long division of
 the significands off the CPU, so every backend gives the same bits.
 """
 

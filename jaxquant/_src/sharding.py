@@ -42,9 +42,9 @@ def _devices_along(mesh: Mesh, entry) -> int:
 
 def _check_entries(q: QArray, mesh: Mesh, spec: P, entries: tuple, dims: tuple) -> None:
     """Every split dimension names axes of ``mesh`` and divides evenly over them: checked here so
-    the error names the QArray (a missing axis was a bare KeyError on the block axis, an uneven
-    split an error only once the shardings were used), and so a merged block axis is only split
-    where its first axis is (its length dividing is not enough: half a head per device)."""
+    the error names the QArray (JAX would raise a KeyError, or only once the shardings are used),
+    and so a merged block axis is only split where its first axis is (its length dividing is not
+    enough: half a head per device)."""
     for i, (entry, dim) in enumerate(zip(entries, dims)):
         if entry is None:
             continue
@@ -152,7 +152,7 @@ def is_sharded(x) -> bool:
 @functools.lru_cache(maxsize=256)
 def _in_shards(quantize: Callable[[jax.Array], QArray], shape: tuple, dtype, sharding: NamedSharding):
     """The jitted ``quantize`` for one shape and sharding, cached: a fresh ``jax.jit`` per leaf
-    compiled every leaf again (0.6 s each on CPU, for every layer of a model of equal shapes)."""
+    would compile every layer of a model again (0.6 s each on CPU for equal shapes)."""
     abstract = jax.eval_shape(quantize, jax.ShapeDtypeStruct(shape, dtype))
     return jax.jit(quantize, out_shardings=qarray_sharding(abstract, sharding.mesh, sharding.spec))
 

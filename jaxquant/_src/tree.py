@@ -301,7 +301,7 @@ def check_leaf(x, cfg: QuantConfig, stack: int = 0) -> None:
 def check_shards(params, decisions: dict[str, Decision]) -> None:
     """Raise PolicyError naming every sharded leaf whose spec cannot shard its QArray, before
     anything is quantized: so a bad spec costs no quantizing time, and ``donate`` deletes no
-    leaf before the error (it used to delete the leaves before the first bad one)."""
+    leaf before the error (else the leaves before the first bad one would be gone)."""
     errors = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]:
         decision = decisions[path_str(path)]
