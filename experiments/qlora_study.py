@@ -23,6 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's jaxquant
 
@@ -75,7 +76,7 @@ def train(name, model, params, train_ids, eval_ids, args):
     rng = np.random.default_rng(args.seed)  # same batches for every variant
     before = _perplexity(model, base, adapters, eval_ids, args.window, quantized)
     losses, start = [], time.perf_counter()
-    for _ in range(args.steps):
+    for _ in tqdm(range(args.steps), desc=f"{name} LoRA", leave=False):
         starts = rng.integers(0, len(train_ids) - args.seq, args.batch)
         tokens = jnp.asarray(np.stack([train_ids[s:s + args.seq] for s in starts]))
         adapters, state, loss = step(adapters, state, base, tokens)
