@@ -284,9 +284,13 @@ def quantize_leaf(x, cfg: QuantConfig, stack: int = 0) -> QArray:
     """Quantize ``x`` by ``cfg``; with ``stack`` leading stack dims, layer by layer.
 
     ``x`` split over a mesh (a NamedSharding, concrete or abstract) is quantized where its shards
-    lie, into a QArray sharded to match (``sharding.py``)."""
+    lie, into a QArray sharded to match (``sharding.py``); an abstract ``x`` (a
+    ``jax.ShapeDtypeStruct``) gives the abstract QArray."""
     layers = _layers(cfg, stack)
-    q = sharding.quantize_in_shards(layers, x) if sharding.is_sharded(x) else layers(x)
+    if sharding.is_sharded(x):
+        q = sharding.quantize_in_shards(layers, x)
+    else:
+        q = jax.eval_shape(layers, x) if isinstance(x, jax.ShapeDtypeStruct) else layers(x)
     raise_if_nonfinite(x, q)
     return q
 
@@ -362,16 +366,12 @@ def quantize_tree(params, policy: Policy | None = None, *, layouts: dict[str, La
         decision = decisions[path_str(path)]
         if decision.config is None:
             return leaf
-        if isinstance(leaf, jax.ShapeDtypeStruct) and not sharding.is_sharded(leaf):
-            out = jax.eval_shape(lambda a: quantize_leaf(a, decision.config, decision.stack), leaf)
-        elif isinstance(leaf, jax.ShapeDtypeStruct):  # abstract, carrying its sharding
-            out = quantize_leaf(leaf, decision.config, decision.stack)
-        else:
-            out = quantize_leaf(jnp.asarray(leaf), decision.config, decision.stack)
-            if donate and isinstance(leaf, jax.Array):
-                pending[id(leaf)] -= 1
-                if not pending[id(leaf)] and id(leaf) not in kept:
-                    leaf.delete()  # PJRT frees the buffer after the pending quantize has read it
+        abstract = isinstance(leaf, jax.ShapeDtypeStruct)
+        out = quantize_leaf(leaf if abstract else jnp.asarray(leaf), decision.config, decision.stack)
+        if donate and isinstance(leaf, jax.Array):
+            pending[id(leaf)] -= 1
+            if not pending[id(leaf)] and id(leaf) not in kept:
+                leaf.delete()  # PJRT frees the buffer after the pending quantize has read it
         bar.update()
         return out
 

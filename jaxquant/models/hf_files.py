@@ -51,9 +51,12 @@ class Checkpoint:
         except (safetensors.SafetensorError, OSError) as e:
             raise jq.CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
-    def _read(self, key: str, read):
+    def _require(self, key: str) -> None:
         if key not in self.where:
             raise jq.CheckpointError(f"{self.describe()}: tensor {key!r} is missing")
+
+    def _read(self, key: str, read):
+        self._require(key)
         file = self.where[key]
         try:
             if file not in self._handles:
@@ -69,9 +72,8 @@ class Checkpoint:
         """The tensor (transposed: a torch ``(out, in)`` weight as a Flax ``(in, out)`` kernel) as
         a ``jax.Array`` placed by ``sharding``: each device's block is read from the file alone,
         so the host never holds more than one device's part."""
-        shape = self.info[key][1] if key in self.info else None
-        if shape is None:
-            return self._read(key, lambda f: None)  # raises: missing
+        self._require(key)
+        shape = self.info[key][1]
         out_shape = shape[::-1] if transpose else shape
 
         def block(index: tuple) -> np.ndarray:
