@@ -61,11 +61,18 @@ def _loss(logits, tokens):
 
 
 def _write(rows: list[dict]) -> None:
+    """Merges `rows` into the device's JSON: a row replaces the earlier one of the same job and batch,
+    so a run of one size keeps the other size's rows (each row names its commit)."""
     commit = os.environ.get("JAXQUANT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     device = jax.devices()[0].device_kind
     out = pathlib.Path(__file__).parent / "results" / f"bench_qlora_{device.replace(' ', '_')}.json"
-    out.write_text(json.dumps(dict(device=device, jax=jax.__version__, commit=commit, rows=rows), indent=2))
+    old = json.loads(out.read_text()) if out.exists() else {}
+    key = lambda r: (r["lib"], r["size"], r["variant"], r.get("batch"))
+    new = [dict(r, commit=r.get("commit", commit), jax=r.get("jax", jax.__version__)) for r in rows]
+    kept = [dict(r, commit=r.get("commit", old.get("commit")), jax=r.get("jax", old.get("jax")))
+            for r in old.get("rows", []) if key(r) not in {key(n) for n in new}]
+    out.write_text(json.dumps(dict(device=device, rows=kept + new), indent=2))
 
 
 def _random_params(model, tokens, dtype=jnp.bfloat16):
