@@ -3,10 +3,13 @@
     python experiments/bench_qlora.py [--sizes 8b,1b] [--batches 1,4] [--seq 1024] [--variants nf4+dq,nf4]
 Random weights with real Llama-3-8B / Llama-3.2-1B shapes on this repo's Flax Llama port
 (bfloat16 compute, every block under ``nn.remat``), LoRA rank 16 / alpha 32 on q/k/v/o/gate/up/
-down of every block, AdamW on the adapters, causal-LM loss. Step = forward + backward + update,
+down of every block, AdamW on the adapters, causal-LM loss (jaxquant: the port's chunked loss,
+``targets=``, 512 tokens of logits at a time; qwix: full logits, as ANCHORS.md measured it). The
+base is drawn and quantized leaf by leaf (no bf16 copy of the model on the device). Step = forward + backward + update,
 median of ``--steps`` timed steps after 2 warm-ups; forward-only and forward+backward are timed
 too, to say which part dominates (``--no-breakdown`` skips them: two compiles fewer). Peak device
-memory from ``memory_stats()['peak_bytes_in_use']``; each model size runs in its own process (the
+memory from ``memory_stats()['peak_bytes_in_use']`` (a high-water mark: ``build_peak_gb`` is the
+peak after building, ``peak_gb`` after training, the larger); each model size runs in its own process (the
 peak only grows), batches in increasing order; its progress lines (build time, compile time) are
 echoed as they come and the JSON is rewritten after each, so a run cut short shows how far it got.
 On the H200: ``PYTHONPATH=. python3 experiments/bench_qlora.py --sizes 8b --batches 1,4 --steps 3
@@ -75,19 +78,6 @@ def _write(rows: list[dict]) -> None:
     out.write_text(json.dumps(dict(device=device, rows=kept + new), indent=2))
 
 
-def _random_params(model, tokens, dtype=jnp.bfloat16):
-    """Random bf16 weights leaf by leaf (no float32 copy of the model)."""
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
-    leaves, treedef = jax.tree.flatten(abstract)
-
-    def maker(shape):
-        return jax.jit(lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-
-    out = [maker(leaf.shape)(jax.random.key(i)) if len(leaf.shape) > 1 else jnp.ones(leaf.shape, dtype)
-           for i, leaf in enumerate(leaves)]
-    return jax.tree.unflatten(treedef, out)
-
-
 def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int, breakdown: bool = True) -> list[dict]:
     import optax
 
@@ -95,21 +85,23 @@ def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int, breakdo
     from jaxquant.models import llama
     from jaxquant.models.smollm2 import LlamaConfig
 
+    from generate_speed import stream_quantized  # this directory's script
+
     config = LlamaConfig(**SHAPES[size], tie_embeddings=False)
     model = llama.Llama(config, dtype=jnp.bfloat16, remat=True)
     start = time.perf_counter()
-    params = _random_params(model, jnp.zeros((1, seq), jnp.int32))
     policy = jq.Policy(rules=(jq.Rule(r"_proj/kernel$", "nf4", 64, 0, variant == "nf4+dq"),))
-    qparams = jq.quantize_tree(params, policy, donate=True)
-    del params
-    weights_gb = jq.nbytes(qparams) / 1e9
-    print(f"built {size} {variant}: {weights_gb:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
+    qparams, _ = stream_quantized(model, jnp.zeros((1, seq), jnp.int32), jnp.bfloat16, policy)
+    weights_gb, build_peak = jq.nbytes(qparams) / 1e9, _peak_gb()
+    print(f"built {size} {variant}: {weights_gb:.2f} GB in {time.perf_counter() - start:.0f} s, "
+          f"peak {build_peak:.2f} GB", flush=True)
     adapters = jq.lora.init(jax.random.key(1), qparams, rank=16, alpha=32.0)
     opt = optax.adamw(1e-4)
     rows = []
     for batch in batches:
         tokens = jax.random.randint(jax.random.key(2), (batch, seq), 0, config.vocab_size)
-        loss = lambda ad, q: _loss(jq.lora.apply(model, q, tokens, adapters=ad, check=False), tokens)
+        targets = llama.next_token_targets(tokens)
+        loss = lambda ad, q: jq.lora.apply(model, q, tokens, targets=targets, adapters=ad, check=False)
         fwd = jax.jit(loss)
         grad = jax.jit(jax.value_and_grad(loss))
 
@@ -141,7 +133,7 @@ def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int, breakdo
         rows.append(dict(lib="jaxquant", size=size, variant=variant, batch=batch, seq=seq,
                          step_s=t_step, tokens_per_s=batch * seq / t_step, forward_s=t_fwd,
                          forward_backward_s=t_grad, update_s=None if t_grad is None else t_step - t_grad, weights_gb=weights_gb,
-                         peak_gb=peak, loss=float(value)))
+                         build_peak_gb=build_peak, peak_gb=peak, loss=float(value)))
         print(json.dumps(rows[-1]), flush=True)
         adapters = holder["ad"]
     return rows

@@ -24,7 +24,7 @@ Shapes: `smollm2` (SmolLM2-135M, tied), `llama-1b` (Llama-3.2-1B, tied, as the r
 results for llama-8b before this change used a tied head), `tiny` (an untied toy for CPU
 smoke tests). llama-70b: 70.55B params, 141.1 GB in bf16, 37.96 GB in NF4 + DQ (of which the
 bf16 embedding 2.10 GB), so 35.86 GB read per step + KV cache (0.25 GB at batch 16, 48 positions). Random weights (every shape but smollm2, or `--random`) are N(0, 0.02), norm
-scales 1, drawn leaf by leaf directly in the compute dtype; speed does not depend on the values.
+scales 1, drawn leaf by leaf directly in the compute dtype (no float32 temporary); speed does not depend on the values.
 The default policy quantizes every Dense kernel (the LM head too) and keeps the embedding and
 the norms in the compute dtype.
 
@@ -96,7 +96,7 @@ def make_leaf(key, shape, dtype):
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _normal(key, shape, dtype):
-    return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+    return jax.random.normal(key, shape, dtype) * jnp.asarray(0.02, dtype)  # no float32 temporary
 
 
 def abstract_params(model, prompt, dtype):
@@ -111,25 +111,25 @@ def random_params(model, prompt, dtype):
     return jax.tree.unflatten(treedef, [make_leaf(k, x.shape, dtype) for k, x in zip(keys, leaves)])
 
 
-def quantize_one(path, leaf, donate):
+def quantize_one(path, leaf, donate, policy=None):
     """`jq.quantize_tree` of a tree holding only `leaf` at `path`: what the whole-tree call gives it."""
     tree = leaf
     for key in reversed(path):
         tree = {key.key: tree}
-    return jax.tree.leaves(jq.quantize_tree(tree, donate=donate), is_leaf=is_q)[0]
+    return jax.tree.leaves(jq.quantize_tree(tree, policy, donate=donate), is_leaf=is_q)[0]
 
 
-def stream_quantized(model, prompt, dtype):
-    """`jq.quantize_tree(random_params(model, prompt, dtype))`, drawn and quantized leaf by leaf."""
+def stream_quantized(model, prompt, dtype, policy=None):
+    """`jq.quantize_tree(random_params(model, prompt, dtype), policy)`, drawn and quantized leaf by leaf."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(model, prompt, dtype))
     keys = jax.random.split(jax.random.key(0), len(leaves))
     for (path, x) in {x.shape: (path, x) for path, x in leaves}.values():  # compile each shape once
-        jax.block_until_ready(quantize_one(path, make_leaf(keys[0], x.shape, dtype), donate=True))
+        jax.block_until_ready(quantize_one(path, make_leaf(keys[0], x.shape, dtype), True, policy))
     out, quantize_s, start = [], 0.0, time.perf_counter()
     for (path, x), key in zip(leaves, keys):
         w = jax.block_until_ready(make_leaf(key, x.shape, dtype))
         t = time.perf_counter()
-        out.append(jax.block_until_ready(quantize_one(path, w, donate=True)))  # frees w if quantized
+        out.append(jax.block_until_ready(quantize_one(path, w, True, policy)))  # frees w if quantized
         quantize_s += time.perf_counter() - t
         del w
     build_s = time.perf_counter() - start

@@ -1,5 +1,6 @@
 """Real data, small slices: Austen's text, SmolLM2's tokenizer and its first layers in Flax."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,3 +85,48 @@ def test_minilm_reproduces_sentence_similarity_and_survives_nf4():
     q = jq.quantize_tree(params, jq.Policy(min_size=1))  # every linear: NF4 + double quant
     eq = jq.flax.apply(model, q, ids, mask)
     assert min(float(eq[i] @ e[i]) for i in range(2)) > 0.95
+
+
+def _full_logits_nll(model, params, ids):
+    logp = jax.nn.log_softmax(model.apply(params, ids)[:, :-1], -1)
+    return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
+
+
+def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients(pride, tokenizer):
+    config, weights = smollm2.load(num_layers=2)
+    params = llama.params_from_weights(weights)
+    model = llama.Llama(config, loss_chunk=24, remat=True)  # 128 tokens: 5 whole chunks and a rest
+    ids = jnp.asarray(tokenizer.encode(pride[:3000]).ids[:128]).reshape(2, 64)
+    targets = llama.next_token_targets(ids)
+    chunked = lambda p: model.apply(p, ids, targets=targets)
+    value, grads = jax.jit(jax.value_and_grad(chunked))(params)
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(lambda p: _full_logits_nll(model, p, ids)))(params)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-7)
+    # the peak when training the blocks (as LoRA does; the head's own gradient is a table-sized
+    # output either way): (128, 49152) float32 logits are 25 MB, chunks of 24 tokens never hold them
+    def temp(loss):
+        of_block = lambda block: loss({"params": {**params["params"], "layers_1": block}})
+        compiled = jax.jit(jax.grad(of_block)).lower(params["params"]["layers_1"]).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+    assert temp(chunked) < temp(lambda p: _full_logits_nll(model, p, ids)) / 3
+    # ignored targets: the mean over the others, whatever the ignored positions hold
+    masked = targets.at[:, 32:].set(-1)
+    half = lambda t: model.apply(params, ids, targets=t)
+    np.testing.assert_allclose(half(masked), half(jnp.where(masked < 0, -7, masked)), rtol=0)
+    ref_half = model.apply(params, ids[:, :33], targets=llama.next_token_targets(ids[:, :33]))
+    np.testing.assert_allclose(half(masked), ref_half, rtol=1e-5)
+
+
+def test_chunked_loss_rejects_what_it_cannot_mean():
+    config = smollm2.LlamaConfig(vocab_size=64, hidden=32, ffn=64, layers=1, heads=2, kv_heads=1, head_dim=16)
+    ids = jnp.ones((1, 8), jnp.int32)
+    params = llama.Llama(config).init(jax.random.key(0), ids)
+    with pytest.raises(ValueError, match="shaped like tokens"):
+        llama.Llama(config).apply(params, ids, targets=ids[:, 1:])
+    with pytest.raises(ValueError, match="no cache"):
+        llama.Llama(config).apply(params, ids, llama.init_cache(config, 1, 8), 0, targets=ids)
+    with pytest.raises(ValueError, match="loss_chunk"):
+        llama.Llama(config, loss_chunk=0).apply(params, ids, targets=ids)
+    # every target ignored: a defined 0, not NaN
+    assert float(llama.Llama(config).apply(params, ids, targets=-jnp.ones_like(ids))) == 0.0

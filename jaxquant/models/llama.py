@@ -104,14 +104,22 @@ class Llama(nn.Module):
     With ``cache`` (from ``init_cache``) and ``start`` (the position of ``tokens[:, 0]``), returns
     ``(logits, cache)``: the KV cache for incremental decoding. ``remat=True`` recomputes each
     block in the backward pass (gradient checkpointing per block, for training).
+
+    With ``targets`` (ints shaped like ``tokens``; negative ones are ignored), returns the mean
+    negative log-likelihood of the targets, float32, instead of the logits. The head and the
+    log-softmax run on ``loss_chunk`` tokens at a time, each chunk recomputed in the backward
+    pass, so the full ``(batch, seq, vocab)`` logits never exist: at Llama-3's vocabulary they
+    are 2.1 GB in float32 at 4x1024 tokens, more than the 4-bit weights of a 1B model. The
+    causal-LM loss is ``targets = next_token_targets(tokens)``.
     """
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    loss_chunk: int = 512
 
     @nn.compact
-    def __call__(self, tokens, cache=None, start=0):
+    def __call__(self, tokens, cache=None, start=0, targets=None):
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden, dtype=self.dtype, name="embed_tokens")
         x = embed(tokens)
@@ -124,11 +132,52 @@ class Llama(nn.Module):
             new_cache.append(layer_cache)
         x = RMSNorm(c.rms_eps, name="norm")(x)
         if c.tie_embeddings:
-            logits = embed.attend(x)
+            head = embed.attend
         else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(x)
-        logits = logits.astype(jnp.float32)
+            head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")
+        if targets is not None:
+            if cache is not None:
+                raise ValueError("targets= computes a training loss; it takes no cache")
+            if targets.shape != tokens.shape:
+                raise ValueError(f"targets {targets.shape} must be shaped like tokens {tokens.shape}")
+            if self.is_initializing():
+                head(x[:, :1])  # its params are made here, outside the recomputed chunks
+            return _chunked_nll(self, head, x, targets, self.loss_chunk)
+        logits = head(x).astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)
+
+
+def _chunked_nll(module: nn.Module, head, x, targets, chunk: int):
+    """Mean -log p(target) over the non-negative targets, ``chunk`` tokens at a time: a scan
+    (the head's gradient accumulates in one buffer) over chunks recomputed in the backward pass."""
+    if chunk < 1:
+        raise ValueError(f"loss_chunk must be >= 1, got {chunk}")
+    x = x.reshape(-1, x.shape[-1])
+    targets = targets.reshape(-1)
+    pad = -len(x) % chunk  # the last chunk padded with ignored targets
+    xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, chunk, x.shape[-1])
+    ts = jnp.pad(targets, (0, pad), constant_values=-1).reshape(-1, chunk)
+
+    def chunk_nll(_, total, chunk_in):
+        xc, tc = chunk_in
+        logp = jax.nn.log_softmax(head(xc).astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, jnp.maximum(tc, 0)[:, None], axis=-1)[:, 0]
+        return total - jnp.sum(jnp.where(tc >= 0, picked, 0.0)), None
+
+    scan = nn.scan(nn.remat(chunk_nll), variable_broadcast="params", split_rngs={"params": False})
+    total, _ = scan(module, jnp.zeros((), jnp.float32), (xs, ts))
+    return total / jnp.maximum(jnp.sum(targets >= 0), 1).astype(jnp.float32)
+
+
+def next_token_targets(tokens):
+    """The causal-LM targets for ``Llama(...)(tokens, targets=...)``: each position's next token,
+    -1 (ignored) at the last.
+
+    Example:
+      >>> next_token_targets(jnp.array([[5, 6, 7]])).tolist()
+      [[6, 7, -1]]
+    """
+    return jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], -1)], axis=1)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32):
