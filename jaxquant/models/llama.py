@@ -44,11 +44,17 @@ def rope(x, positions, theta: float):
 class Attention(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x, positions, cache=None):
         """``cache=(k, v)`` of shape (batch, max_len, kv_heads, head_dim): the new keys and values
-        are written at ``positions`` and attention runs over the whole cache (causally)."""
+        are written at ``positions`` and attention runs over the whole cache (causally).
+
+        Without a cache (prefill, training) ``jax.nn.dot_product_attention`` runs it, causal, with
+        ``implementation`` (None: cuDNN's fused attention where it applies, such as bf16 on an
+        NVIDIA GPU, else XLA's): the fused one never holds the (heads, seq, seq) scores, which
+        are most of a training step's memory at 1024 tokens."""
         c = self.config
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
         b, s, _ = x.shape
@@ -56,13 +62,14 @@ class Attention(nn.Module):
         k = dense(c.kv_heads * c.head_dim, "k_proj")(x).reshape(b, s, c.kv_heads, c.head_dim)
         v = dense(c.kv_heads * c.head_dim, "v_proj")(x).reshape(b, s, c.kv_heads, c.head_dim)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-        key_positions = positions
-        if cache is not None:
-            start = positions[0, 0]
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, start, 0, 0))
-            cache = (k, v)
-            key_positions = jnp.arange(k.shape[1])[None]
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+            return dense(c.hidden, "o_proj")(out.reshape(b, s, c.heads * c.head_dim)), None
+        start = positions[0, 0]
+        k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, start, 0, 0))
+        v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, start, 0, 0))
+        cache = (k, v)
+        key_positions = jnp.arange(k.shape[1])[None]
         groups = c.heads // c.kv_heads
         kk, vv = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, kk.astype(q.dtype)).astype(jnp.float32)
@@ -88,11 +95,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
+    attention: str | None = None
 
     @nn.compact
     def __call__(self, x, positions, cache=None):
         c = self.config
-        h, cache = Attention(c, self.dtype, name="self_attn")(
+        h, cache = Attention(c, self.dtype, self.attention, name="self_attn")(
             RMSNorm(c.rms_eps, name="input_layernorm")(x), positions, cache)
         x = x + h
         return x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_eps, name="post_attention_layernorm")(x)), cache
@@ -111,12 +119,16 @@ class Llama(nn.Module):
     pass, so the full ``(batch, seq, vocab)`` logits never exist: at Llama-3's vocabulary they
     are 2.1 GB in float32 at 4x1024 tokens, more than the 4-bit weights of a 1B model. The
     causal-LM loss is ``targets = next_token_targets(tokens)``.
+
+    ``attention``: ``jax.nn.dot_product_attention``'s implementation without a cache (None: cuDNN
+    where it applies, else ``"xla"``); decoding with a cache attends in plain XLA.
     """
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     loss_chunk: int = 512
+    attention: str | None = None
 
     @nn.compact
     def __call__(self, tokens, cache=None, start=0, targets=None):
@@ -127,7 +139,7 @@ class Llama(nn.Module):
         new_cache = []
         block = nn.remat(Block) if self.remat else Block
         for i in range(c.layers):
-            x, layer_cache = block(c, self.dtype, name=f"layers_{i}")(
+            x, layer_cache = block(c, self.dtype, self.attention, name=f"layers_{i}")(
                 x, positions, None if cache is None else cache[i])
             new_cache.append(layer_cache)
         x = RMSNorm(c.rms_eps, name="norm")(x)
