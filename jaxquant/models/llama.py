@@ -63,8 +63,9 @@ class Attention(nn.Module):
         v = dense(c.kv_heads * c.head_dim, "v_proj")(x).reshape(b, s, c.kv_heads, c.head_dim)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
         if cache is None:
-            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
-                                               implementation=self.implementation)
+            with jax.numpy_dtype_promotion("standard"):  # its XLA path promotes bf16 with float32
+                out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
+                                                   implementation=self.implementation)
             return dense(c.hidden, "o_proj")(out.reshape(b, s, c.heads * c.head_dim)), None
         start = positions[0, 0]
         k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, start, 0, 0))
