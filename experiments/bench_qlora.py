@@ -78,7 +78,8 @@ def _write(rows: list[dict]) -> None:
     out.write_text(json.dumps(dict(device=device, rows=kept + new), indent=2))
 
 
-def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int, breakdown: bool = True) -> list[dict]:
+def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int, breakdown: bool = True,
+                 attention: str = "xla") -> list[dict]:
     import optax
 
     import jaxquant as jq
@@ -88,7 +89,7 @@ def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int, breakdo
     from generate_speed import stream_quantized  # this directory's script
 
     config = LlamaConfig(**SHAPES[size], tie_embeddings=False)
-    model = llama.Llama(config, dtype=jnp.bfloat16, remat=True)
+    model = llama.Llama(config, dtype=jnp.bfloat16, remat=True, attention=attention)
     start = time.perf_counter()
     policy = jq.Policy(rules=(jq.Rule(r"_proj/kernel$", "nf4", 64, 0, variant == "nf4+dq"),))
     qparams, _ = stream_quantized(model, jnp.zeros((1, seq), jnp.int32), jnp.bfloat16, policy)
@@ -133,7 +134,7 @@ def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int, breakdo
         rows.append(dict(lib="jaxquant", size=size, variant=variant, batch=batch, seq=seq,
                          step_s=t_step, tokens_per_s=batch * seq / t_step, forward_s=t_fwd,
                          forward_backward_s=t_grad, update_s=None if t_grad is None else t_step - t_grad, weights_gb=weights_gb,
-                         build_peak_gb=build_peak, peak_gb=peak, loss=float(value)))
+                         build_peak_gb=build_peak, peak_gb=peak, loss=float(value), attention=attention))
         print(json.dumps(rows[-1]), flush=True)
         adapters = holder["ad"]
     return rows
@@ -198,6 +199,8 @@ def main():
     p.add_argument("--qwix", action="store_true", help="also run qwix's QLoRA (if importable)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the forward / forward+backward "
                    "timings (two compiles fewer)")
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"], help="jaxquant's Llama "
+                   "attention without a cache (cudnn: fused)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "lib:size:variant" in a child process
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -205,7 +208,8 @@ def main():
         lib, size, variant = args.one.split(":")
         try:
             rows = (run_qwix(size, batches, args.seq, args.steps) if lib == "qwix"
-                    else run_jaxquant(size, variant, batches, args.seq, args.steps, not args.no_breakdown))
+                    else run_jaxquant(size, variant, batches, args.seq, args.steps, not args.no_breakdown,
+                                      args.attention))
         except Exception as e:  # a peer that does not import or run is a missing column, not a crash
             rows = [dict(lib=lib, size=size, variant=variant, error=f"{type(e).__name__}: {e}"[:500])]
         print("ROWS " + json.dumps(rows), flush=True)
@@ -216,7 +220,7 @@ def main():
     rows = []
     for lib, size, variant in jobs:
         cmd = [sys.executable, __file__, "--one", f"{lib}:{size}:{variant}", "--batches", args.batches,
-               "--seq", str(args.seq), "--steps", str(args.steps)] + (["--no-breakdown"] if args.no_breakdown else [])
+               "--seq", str(args.seq), "--steps", str(args.steps), "--attention", args.attention] + (["--no-breakdown"] if args.no_breakdown else [])
         # the child's lines as they come (a run cut short by a time limit still shows how far it got)
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         found, tail = [], []

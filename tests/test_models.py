@@ -126,6 +126,8 @@ def test_chunked_loss_rejects_what_it_cannot_mean():
         llama.Llama(config).apply(params, ids, targets=ids[:, 1:])
     with pytest.raises(ValueError, match="no cache"):
         llama.Llama(config).apply(params, ids, llama.init_cache(config, 1, 8), 0, targets=ids)
+    with pytest.raises(ValueError, match="'xla' or 'cudnn'"):
+        llama.Llama(config, attention="flash").apply(params, ids)
     with pytest.raises(ValueError, match="loss_chunk"):
         llama.Llama(config, loss_chunk=0).apply(params, ids, targets=ids)
     # every target ignored: a defined 0, not NaN

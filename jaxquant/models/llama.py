@@ -44,17 +44,18 @@ def rope(x, positions, theta: float):
 class Attention(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
-    implementation: str | None = None
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(self, x, positions, cache=None):
         """``cache=(k, v)`` of shape (batch, max_len, kv_heads, head_dim): the new keys and values
         are written at ``positions`` and attention runs over the whole cache (causally).
 
-        Without a cache (prefill, training) ``jax.nn.dot_product_attention`` runs it, causal, with
-        ``implementation`` (None: cuDNN's fused attention where it applies, such as bf16 on an
-        NVIDIA GPU, else XLA's): the fused one never holds the (heads, seq, seq) scores, which
-        are most of a training step's memory at 1024 tokens."""
+        ``implementation="cudnn"``: without a cache (prefill, training), cuDNN's fused causal
+        attention (``jax.nn.dot_product_attention``; bf16/fp16 on an NVIDIA GPU), which never
+        holds the (heads, seq, seq) scores; ``"xla"``: the scores in float32, plain XLA."""
+        if self.implementation not in ("xla", "cudnn"):
+            raise ValueError(f"attention implementation must be 'xla' or 'cudnn', got {self.implementation!r}")
         c = self.config
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
         b, s, _ = x.shape
@@ -62,16 +63,17 @@ class Attention(nn.Module):
         k = dense(c.kv_heads * c.head_dim, "k_proj")(x).reshape(b, s, c.kv_heads, c.head_dim)
         v = dense(c.kv_heads * c.head_dim, "v_proj")(x).reshape(b, s, c.kv_heads, c.head_dim)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-        if cache is None:
-            with jax.numpy_dtype_promotion("standard"):  # its XLA path promotes bf16 with float32
-                out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
-                                                   implementation=self.implementation)
+        if cache is None and self.implementation == "cudnn":
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
+                                               implementation="cudnn")
             return dense(c.hidden, "o_proj")(out.reshape(b, s, c.heads * c.head_dim)), None
-        start = positions[0, 0]
-        k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, start, 0, 0))
-        v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, start, 0, 0))
-        cache = (k, v)
-        key_positions = jnp.arange(k.shape[1])[None]
+        key_positions = positions
+        if cache is not None:
+            start = positions[0, 0]
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, start, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, start, 0, 0))
+            cache = (k, v)
+            key_positions = jnp.arange(k.shape[1])[None]
         groups = c.heads // c.kv_heads
         kk, vv = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, kk.astype(q.dtype)).astype(jnp.float32)
@@ -97,7 +99,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
-    attention: str | None = None
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, positions, cache=None):
@@ -122,15 +124,15 @@ class Llama(nn.Module):
     are 2.1 GB in float32 at 4x1024 tokens, more than the 4-bit weights of a 1B model. The
     causal-LM loss is ``targets = next_token_targets(tokens)``.
 
-    ``attention``: ``jax.nn.dot_product_attention``'s implementation without a cache (None: cuDNN
-    where it applies, else ``"xla"``); decoding with a cache attends in plain XLA.
+    ``attention="cudnn"`` runs training and prefill attention fused (``Attention``; not yet
+    measured on the H200); decoding with a cache attends in plain XLA either way.
     """
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     loss_chunk: int = 512
-    attention: str | None = None
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, tokens, cache=None, start=0, targets=None):

@@ -1,5 +1,5 @@
-"""The Llama port's training path on the GPU: cuDNN's fused causal attention (the default without a
-cache) against XLA's, loss and adapter gradients through the NF4 + DQ base."""
+"""The Llama port's training path on the GPU: cuDNN's fused causal attention (``attention="cudnn"``)
+against XLA's, loss and adapter gradients through the NF4 + DQ base."""
 
 import chex
 import jax
@@ -31,7 +31,7 @@ def test_fused_attention_training_equals_xla(gpu, head_dim, seq):
         loss = lambda ad: jq.lora.apply(model, q, tokens, targets=targets, adapters=ad, check=False)
         return jax.jit(jax.value_and_grad(loss)), adapters
 
-    fused, args = grad(None)
+    fused, args = grad("cudnn")
     assert "cudnn" in fused.lower(args).compile().as_text()  # the fused kernel ran, not XLA's
     (v1, g1), (v2, g2) = fused(args), grad("xla")[0](args)
     np.testing.assert_allclose(v1, v2, rtol=2e-3)
