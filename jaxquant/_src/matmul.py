@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant._src import matmul_sharded
 from jaxquant._src.kernels import dispatch, platform
 from jaxquant._src.matmul_grad import matmul_transposed
 from jaxquant._src.matmul_xla import qmatmul_xla
@@ -54,7 +55,7 @@ def _zero_cotangent(q: QArray) -> QArray:
     return jax.tree.map(zero, q)
 
 
-def _forward(x, q, implementation, interpret, compute_dtype):
+def _forward(x, q, implementation, interpret, compute_dtype, per_shard=True):
     if x.size == 0:  # no tokens (or K = 0): nothing to multiply, and no kernel to launch
         return jnp.zeros((*x.shape[:-1], q.shape[1]), x.dtype)
     xla = functools.partial(qmatmul_xla, compute_dtype=compute_dtype)
@@ -62,6 +63,12 @@ def _forward(x, q, implementation, interpret, compute_dtype):
                              compute_dtype=compute_dtype)
     if choice.kernel is None:
         return xla(x, q)
+    if choice.platform and per_shard and jax.device_count() > 1 and matmul_sharded.applies(x, q):
+        # XLA cannot split a kernel's custom call: it would gather the weight onto each device.
+        # Partitioned, each device runs the kernel chosen for its own shard's shapes.
+        local = functools.partial(_forward, implementation=implementation, interpret=interpret,
+                                  compute_dtype=compute_dtype, per_shard=False)
+        return matmul_sharded.partitioned(local, x, q)
     if choice.platform is None:
         return choice.kernel(x, q)
     return platform.kernel_or_xla(choice.platform, choice.kernel, xla, x, q)
