@@ -95,9 +95,9 @@ _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 @contextlib.contextmanager
 def implementation(name: str):
     """What ``implementation="auto"`` means inside the block, for every ``qmatmul`` traced there
-    (through ``jq.flax.apply``, NNX modules, qeinsum): e.g. ``"xla"`` under a multi-GPU mesh,
-    where XLA partitions the XLA path but gathers a kernel's operands. It acts at trace time: a
-    function jitted before keeps the choice it was traced with.
+    (through ``jq.flax.apply``, NNX modules, qeinsum): e.g. ``"xla"`` to compare a model against
+    the kernel's numbers. It acts at trace time: a function jitted before keeps the choice it was
+    traced with.
 
     Example:
       >>> import jax.numpy as jnp, jaxquant as jq
