@@ -398,3 +398,28 @@ def test_docstring_examples():
     with jax.numpy_dtype_promotion("standard"):
         results = [doctest.testmod(m, verbose=False) for m in (lora, lora_flax, matmul_grad)]
     assert all(r.attempted > 0 and r.failed == 0 for r in results), results
+
+
+def test_a_rematerialized_training_step_holds_one_block_input_per_layer(monkeypatch):
+    """Every layer of a QLoRA step keeps its block's input for the backward pass, and nothing more:
+    the backward's (tokens, K) outputs exist only while their layer runs (they once were alive
+    from the start of the step, one per projection of every layer: on the H200 most of a
+    Llama-3-8B step's peak)."""
+    from jaxquant.models import llama
+    from jaxquant.models.smollm2 import LlamaConfig
+    monkeypatch.setattr(matmul_grad, "CHUNK_ELEMENTS", 32 * 1024)  # every backward decodes in chunks
+    tokens = jnp.zeros((1, 512), jnp.int32)
+
+    def temp(layers):
+        config = LlamaConfig(vocab_size=128, hidden=256, ffn=1024, layers=layers, heads=4, kv_heads=2,
+                             head_dim=64)
+        model = llama.Llama(config, remat=True)
+        q = jq.quantize_tree(jax.eval_shape(model.init, jax.random.key(0), tokens))
+        adapters = jax.eval_shape(lambda q: jq.lora.init(jax.random.key(1), q, rank=8), q)
+        loss = lambda ad, q: jq.lora.apply(model, q, tokens, targets=llama.next_token_targets(tokens),
+                                           adapters=ad, check=False)
+        return jax.jit(jax.grad(loss)).lower(adapters, q).compile().memory_analysis().temp_size_in_bytes
+
+    block_input = 512 * 256 * 4
+    per_layer = (temp(6) - temp(2)) / 4
+    assert per_layer < 2 * block_input, (per_layer, block_input)
