@@ -71,7 +71,7 @@ def _write(rows: list[dict]) -> None:
     device = jax.devices()[0].device_kind
     out = pathlib.Path(__file__).parent / "results" / f"bench_qlora_{device.replace(' ', '_')}.json"
     old = json.loads(out.read_text()) if out.exists() else {}
-    key = lambda r: (r["lib"], r["size"], r["variant"], r.get("batch"))
+    key = lambda r: (r["lib"], r["size"], r["variant"], r.get("batch"), r.get("seq"), r.get("attention", "xla"))
     new = [dict(r, commit=r.get("commit", commit), jax=r.get("jax", jax.__version__)) for r in rows]
     kept = [dict(r, commit=r.get("commit", old.get("commit")), jax=r.get("jax", old.get("jax")))
             for r in old.get("rows", []) if key(r) not in {key(n) for n in new}]

@@ -130,5 +130,15 @@ def test_chunked_loss_rejects_what_it_cannot_mean():
         llama.Llama(config, attention="flash").apply(params, ids)
     with pytest.raises(ValueError, match="loss_chunk"):
         llama.Llama(config, loss_chunk=0).apply(params, ids, targets=ids)
+    with pytest.raises(TypeError, match="integers"):
+        llama.Llama(config).apply(params, ids, targets=ids.astype(jnp.float32))
+    with pytest.raises(ValueError, match="< vocab_size=64"):
+        llama.Llama(config).apply(params, ids, targets=ids.at[0, 3].set(64))
+    # unsigned tokens: the last position is still ignored
+    unsigned = llama.next_token_targets(jnp.arange(8, dtype=jnp.uint32)[None])
+    assert unsigned.dtype == jnp.int32 and int(unsigned[0, -1]) == -1
+    signed = llama.Llama(config).apply(params, ids, targets=llama.next_token_targets(ids))
+    np.testing.assert_allclose(llama.Llama(config).apply(params, ids, targets=llama.next_token_targets(
+        ids.astype(jnp.uint32))), signed, rtol=0)
     # every target ignored: a defined 0, not NaN
     assert float(llama.Llama(config).apply(params, ids, targets=-jnp.ones_like(ids))) == 0.0

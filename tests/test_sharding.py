@@ -1,5 +1,6 @@
 """QArrays under jax.sharding on 8 fake CPU devices (conftest sets the XLA flag)."""
 
+import dataclasses
 import pathlib
 
 import flax.linen as nn
@@ -322,7 +323,7 @@ def test_a_kernel_runs_per_shard_column_and_row_parallel(qtype, options, rng):
     q = jq.quantize(w, qtype, 64, axis=0, **options)
     seen = []
 
-    def local(x, q):
+    def local(x, q, devices=None):
         seen.append((x.shape, q.shape, type(q.scale).__name__))
         return qmatmul_xla(x, q, compute_dtype=jnp.float32)
 
@@ -348,6 +349,50 @@ def test_a_kernel_runs_per_shard_column_and_row_parallel(qtype, options, rng):
 def test_per_shard_partitioning_leaves_out_what_its_rule_cannot_express():
     from jaxquant._src import matmul_sharded
     w = jnp.ones((96, 128))
-    x = jnp.ones((4, 96))
-    assert not matmul_sharded.applies(x, jq.quantize(w, "nf4", 64, axis=0))  # a partial last block
-    assert matmul_sharded.applies(x[:, :64], jq.quantize(w[:64], "nf4", 64, axis=0))
+    assert not matmul_sharded.applies(jq.quantize(w, "nf4", 64, axis=0))  # a partial last block
+    assert not matmul_sharded.applies(jq.quantize(w, "nf4", None, axis=0))  # one block per column
+    assert matmul_sharded.applies(jq.quantize(w, "nf4", 32, axis=0))
+
+
+@pytest.fixture
+def kernel_on_cpu(monkeypatch):
+    """qmatmul's dispatch answering "a kernel, on cuda" (as on a Hopper machine): on the CPU,
+    ``platform_dependent`` then runs the XLA path per shard, so the whole per-shard hook runs."""
+    from jaxquant._src.kernels import dispatch
+    from jaxquant._src.matmul_xla import qmatmul_xla
+    kernel = lambda x, q: qmatmul_xla(x, q, compute_dtype=jnp.float32)
+    monkeypatch.setattr(dispatch, "choose", lambda x, q, **kw: dispatch.Choice(kernel, "cuda"))
+
+
+def test_the_per_shard_hook_gives_the_unsharded_result_whatever_the_shardings(kernel_on_cpu, rng):
+    devices = np.array(jax.devices())
+    mm = jax.jit(lambda x, q: jq.qmatmul(x, q, compute_dtype=jnp.float32))
+    w = jnp.asarray(rng.standard_normal((512, 256)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 8, 512)), jnp.float32)
+    mesh2 = Mesh(devices.reshape(2, 4), ("data", "model"))
+    fsdp = Mesh(devices[:2], ("data",))
+    put = lambda a, mesh, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    cases = [  # (qtype, block, dq, mesh, x spec, weight spec): the weight placed by qarray_sharding
+        ("nf4", 64, True, mesh2, P("data", None, None), P(None, "model")),
+        ("nf4", 64, True, mesh2, P(None, None, "model"), P("model", None)),
+        ("int8", 64, False, mesh2, P("data"), P("data", "model")),  # both weight axes split
+        ("nf4", 64, False, fsdp, P("data"), P(None, "data")),  # the batch's axis splits the weight too
+        ("nf4", 64, True, fsdp, P("data"), P("data", None)),
+        ("nf4", None, False, mesh2, P(None, None, "model"), P(None, "model")),  # one block per column
+    ]
+    for qtype, block, dq, mesh, x_spec, w_spec in cases:
+        q = jq.quantize(w, qtype, block, axis=0, double_quant=dq)
+        ref = jq.qmatmul(x, q, implementation="xla", compute_dtype=jnp.float32)
+        out = mm(put(x, mesh, x_spec), jax.device_put(q, jq.qarray_sharding(q, mesh, w_spec)))
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    # codes split along K where the blocks are not whole per shard (3 blocks over 2): resharded
+    q = jq.quantize(w[:192], "nf4", 64, axis=0)
+    cut = dataclasses.replace(q, codes=put(q.codes, fsdp, P(None, "data")))
+    ref = jq.qmatmul(x[..., :192], q, implementation="xla", compute_dtype=jnp.float32)
+    np.testing.assert_allclose(mm(x[..., :192], cut), ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    # vmap over examples, and over a stack of weights
+    q = jq.quantize(w, "nf4", 64, axis=0, double_quant=True)
+    ref = mm(x, q)
+    close = lambda a: np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    close(jax.vmap(lambda x: mm(x, q))(x))
+    close(jax.vmap(mm)(x, jax.tree.map(lambda *a: jnp.stack(a), q, q)))

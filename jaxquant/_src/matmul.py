@@ -55,7 +55,10 @@ def _zero_cotangent(q: QArray) -> QArray:
     return jax.tree.map(zero, q)
 
 
-def _forward(x, q, implementation, interpret, compute_dtype, per_shard=True):
+def _forward(x, q, implementation, interpret, compute_dtype, devices=None, partition=True):
+    """The product. ``partition``: a kernel call under several devices goes per shard.
+    ``devices`` (the platform a partitioned call is lowered for: "gpu", "tpu", "cpu") marks one
+    shard's call, which picks kernel or XLA directly."""
     if x.size == 0:  # no tokens (or K = 0): nothing to multiply, and no kernel to launch
         return jnp.zeros((*x.shape[:-1], q.shape[1]), x.dtype)
     xla = functools.partial(qmatmul_xla, compute_dtype=compute_dtype)
@@ -63,11 +66,15 @@ def _forward(x, q, implementation, interpret, compute_dtype, per_shard=True):
                              compute_dtype=compute_dtype)
     if choice.kernel is None:
         return xla(x, q)
-    if choice.platform and per_shard and jax.device_count() > 1 and matmul_sharded.applies(x, q):
+    if devices is not None:
+        on_its_platform = choice.platform is None or {"cuda": "gpu"}.get(choice.platform, choice.platform) == devices
+        return choice.kernel(x, q) if on_its_platform else xla(x, q)
+    if partition and not interpret and jax.device_count() > 1 and matmul_sharded.applies(q):
         # XLA cannot split a kernel's custom call: it would gather the weight onto each device.
-        # Partitioned, each device runs the kernel chosen for its own shard's shapes.
+        # Partitioned, each device runs the kernel chosen for its own shard's shapes. (Interpret
+        # mode calls back to Python, which a partitioned call cannot.)
         local = functools.partial(_forward, implementation=implementation, interpret=interpret,
-                                  compute_dtype=compute_dtype, per_shard=False)
+                                  compute_dtype=compute_dtype, partition=False)
         return matmul_sharded.partitioned(local, x, q)
     if choice.platform is None:
         return choice.kernel(x, q)

@@ -7,11 +7,13 @@ partial products are summed with ``psum``); ``n`` splits the codes' rows and the
 (column-parallel) and ``m`` x's rows (data-parallel). Double quantization's nested constants are
 flat over (N, blocks), which a split of ``b`` does not cut into contiguous pieces: each device
 reads them whole (1 byte per block), decodes them and slices its own rows and blocks, so the
-kernel sees a plain float32-constant QArray of its shard.
+kernel sees a plain float32-constant QArray of its shard. A split the rule cannot honour (an
+axis used twice, a length it does not divide) is dropped: XLA then gathers that operand.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -23,113 +25,45 @@ from jaxquant._src.dequantize import dequantize
 from jaxquant._src.qarray import QArray
 
 
-def applies(x, q: QArray) -> bool:
-    """Whether the rule holds: whole blocks along K (a partial last block has no factor), the
-    constants plain or nested once."""
+def applies(q: QArray) -> bool:
+    """Whether the rule holds: at least two whole blocks along K (a partial block or a single one
+    has no ``b`` factor to split), constants plain or nested once without a zero point."""
     k = q.shape[0]
-    nested = isinstance(q.scale, QArray)
-    return (x.ndim >= 1 and k > 0 and k % q.block_size == 0 and q.block_size % 2 == 0
-            and q.offset is None and (not nested or not isinstance(q.scale.scale, QArray)))
+    nested = q.scale if isinstance(q.scale, QArray) else None
+    return (k > 0 and k % q.block_size == 0 and k // q.block_size > 1 and q.block_size % 2 == 0
+            and q.offset is None
+            and (nested is None or (not isinstance(nested.scale, QArray) and nested.zero_point is None)))
 
 
-def _entry(spec: P, dim: int):
-    return spec[dim] if len(spec) > dim else None
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
 
 
-def _operands(q: QArray) -> tuple[list, list[str]]:
-    """The QArray's leaves as custom-call operands, each with its part of the sharding rule."""
-    per_byte = 2 if q.codes.shape[-1] * 2 <= q.shape[0] + 1 else 1  # 4-bit codes pack two
-    ops, rules = [q.codes], [f"n (b c{per_byte})"]
+def _entry(axes: tuple[str, ...]):
+    return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
+def _split(spec: P, dim: int, size: int, mesh, taken: set) -> tuple[str, ...]:
+    """The mesh axes of ``spec[dim]`` if none is taken and they divide ``size``, else none."""
+    axes = _axes(spec[dim] if len(spec) > dim else None)
+    parts = math.prod(dict(zip(mesh.axis_names, mesh.devices.shape))[a] for a in axes)
+    return axes if axes and not taken & set(axes) and size % parts == 0 else ()
+
+
+def _leaves(q: QArray) -> list:
+    """The QArray's leaves as custom-call operands: codes, constants (or the nested codes, scale
+    and offset), zero point."""
     if isinstance(q.scale, QArray):
         nested = q.scale
-        ops += [nested.codes, nested.scale]
-        rules += ["e0", "e1"]
-        if nested.offset is not None:
-            ops.append(jnp.reshape(nested.offset, (1,)))
-            rules.append("e2")
+        scale = [nested.codes, nested.scale] + ([] if nested.offset is None else [nested.offset.reshape(1)])
     else:
-        ops.append(q.scale)
-        rules.append("n b")
-    if q.zero_point is not None:
-        ops.append(q.zero_point)
-        rules.append("n b")
-    return ops, rules
+        scale = [q.scale]
+    return [q.codes] + scale + ([] if q.zero_point is None else [q.zero_point])
 
 
-def _local_qarray(q: QArray, leaves, n_axis, b_axis, k_local: int, n_local: int) -> QArray:
-    """This device's shard of ``q`` from its operand shards (nested constants decoded and sliced)."""
-    codes, rest = leaves[0], list(leaves[1:])
-    if isinstance(q.scale, QArray):
-        nested = q.scale
-        offset = None
-        nested_codes, nested_scale = rest.pop(0), rest.pop(0)
-        if nested.offset is not None:
-            offset = rest.pop(0)[0]
-        whole = QArray(codes=nested_codes, scale=nested_scale, offset=offset, shape=nested.shape,
-                       dtype=nested.dtype, qtype=nested.qtype, block_size=nested.block_size, axis=nested.axis)
-        constants = dequantize(whole).astype(jnp.float32).reshape(q.shape[1], -1)  # (N, blocks)
-        blocks = k_local // q.block_size
-        row = jax.lax.axis_index(n_axis) * n_local if n_axis else 0
-        col = jax.lax.axis_index(b_axis) * blocks if b_axis else 0
-        scale = jax.lax.dynamic_slice(constants, (row, col), (n_local, blocks))
-    else:
-        scale = rest.pop(0)
-    zero_point = rest.pop(0) if q.zero_point is not None else None
-    return QArray(codes=codes, scale=scale, zero_point=zero_point, shape=(k_local, n_local), dtype=q.dtype,
-                  qtype=q.qtype, block_size=q.block_size, axis=q.axis)
-
-
-def partitioned(local, x, q: QArray):
-    """``local(x, q)`` (a kernel call, ``x[M, K] @ W[K, N]``) partitioned by the operands'
-    shardings: each device calls ``local`` on its shard; a K split ends in a ``psum``."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    ops, rules = _operands(q)
-    per_byte = 2 if "c2" in rules[0] else 1
-    body = jax.make_jaxpr(lambda x2, q: local(x2, q))(x2, q)  # the unpartitioned call
-    consts = [jnp.asarray(c) for c in body.consts]
-    n_ops = 1 + len(ops)
-
-    def whole(*args):
-        x2, leaves, consts = args[0], args[1:n_ops], args[n_ops:]
-        return jax.core.eval_jaxpr(body.jaxpr, consts, x2, *jax.tree.leaves(_rebuild(q, leaves)))[0]
-
-    call = custom_partitioning(whole)
-
-    def partition(mesh, arg_shapes, result_shape):
-        x_spec, codes_spec = arg_shapes[0].sharding.spec, arg_shapes[1].sharding.spec
-        m_axis, n_axis, b_axis = _entry(x_spec, 0), _entry(codes_spec, 0), _entry(codes_spec, 1)
-        size = dict(zip(mesh.axis_names, mesh.devices.shape))
-        parts = lambda axis: 1 if axis is None else math.prod(
-            size[a] for a in (axis if isinstance(axis, tuple) else (axis,)))
-        k_local, n_local = q.shape[0] // parts(b_axis), q.shape[1] // parts(n_axis)
-
-        def lower(x2, *args):
-            lq = _local_qarray(q, args[:n_ops - 1], n_axis, b_axis, k_local, n_local)
-            y = local(x2, lq)
-            if b_axis is None:
-                return y
-            return jax.lax.psum(y.astype(jnp.float32), b_axis).astype(y.dtype)
-
-        spec_of = {"n b": P(n_axis, b_axis), rules[0]: P(n_axis, b_axis)}
-        arg_specs = [P(m_axis, b_axis)] + [spec_of.get(r, P()) for r in rules] + [P()] * len(consts)
-        return (mesh, lower, NamedSharding(mesh, P(m_axis, n_axis)),
-                tuple(NamedSharding(mesh, s) for s in arg_specs))
-
-    const_rules = [" ".join(f"f{i}_{d}" for d in range(c.ndim)) for i, c in enumerate(consts)]
-    replicated = tuple(r.split()[0] for r in rules if r.startswith("e")) + tuple(
-        f for r in const_rules for f in r.split())
-    rule = ", ".join(["m (b s)"] + rules + const_rules) + " -> m n"
-    sizes = {"s": q.block_size, f"c{per_byte}": q.block_size // per_byte}
-    if "n b" not in rules:  # b only inside compound dims: its size must be given
-        sizes["b"] = q.shape[0] // q.block_size
-    call.def_partition(partition=partition, sharding_rule=rule, reduction_factors=("b",),
-                       need_replication_factors=replicated, **sizes)
-    return call(x2, *ops, *consts).reshape(*lead, q.shape[1])
-
-
-def _rebuild(q: QArray, leaves) -> QArray:
-    """``q`` with its leaves replaced by the custom call's operands (the inverse of ``_operands``)."""
+def _with_leaves(q: QArray, leaves, shape=None, constants=None) -> QArray:
+    """``q`` rebuilt from operands (the inverse of ``_leaves``); with ``constants``, a plain
+    float32-constant QArray of ``shape`` instead of the nested ones."""
     leaves = list(leaves)
     codes = leaves.pop(0)
     if isinstance(q.scale, QArray):
@@ -141,5 +75,87 @@ def _rebuild(q: QArray, leaves) -> QArray:
     else:
         scale = leaves.pop(0)
     zero_point = leaves.pop(0) if q.zero_point is not None else None
-    return QArray(codes=codes, scale=scale, zero_point=zero_point, shape=q.shape, dtype=q.dtype,
+    if constants is not None:
+        scale = constants
+    return QArray(codes=codes, scale=scale, zero_point=zero_point, shape=shape or q.shape, dtype=q.dtype,
                   qtype=q.qtype, block_size=q.block_size, axis=q.axis)
+
+
+def _shard_constants(q: QArray, leaves, n_axes, b_axes, k_local: int, n_local: int):
+    """This shard's float32 constants from the whole nested ones (decoded, then sliced)."""
+    whole = _with_leaves(q, leaves).scale
+    constants = dequantize(whole).astype(jnp.float32).reshape(q.shape[1], -1)  # (N, blocks)
+    blocks = k_local // q.block_size
+    row = jax.lax.axis_index(n_axes) * n_local if n_axes else 0
+    col = jax.lax.axis_index(b_axes) * blocks if b_axes else 0
+    return jax.lax.dynamic_slice(constants, (row, col), (n_local, blocks))
+
+
+def partitioned(local, x, q: QArray):
+    """``local(x, q, devices=None)`` (a kernel call, ``x[M, K] @ W[K, N]``) partitioned by the
+    operands' shardings: each device calls ``local(x, q, devices=<its platform>)`` on its shard; a
+    K split ends in a ``psum``. Under ``vmap`` the batch folds into M (a batched weight: the
+    unpartitioned call, vectorized)."""
+    k, n = q.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    leaves = _leaves(q)
+    # the unpartitioned call (for the default backend: a platform-dependent branch does not survive
+    # the partitioner); its constants become operands
+    body = jax.make_jaxpr(functools.partial(local, devices=jax.default_backend()))(x2, q)
+    consts = [jnp.asarray(c) for c in body.consts]
+
+    def whole(x2, *args):
+        weight, consts = args[:len(leaves)], args[len(leaves):]
+        return jax.core.eval_jaxpr(body.jaxpr, consts, x2, *jax.tree.leaves(_with_leaves(q, weight)))[0]
+
+    call = custom_partitioning(whole)
+    nested = isinstance(q.scale, QArray)
+
+    def partition(mesh, arg_shapes, result_shape):
+        x_spec, codes_spec = arg_shapes[0].sharding.spec, arg_shapes[1].sharding.spec
+        m = _split(x_spec, 0, arg_shapes[0].shape[0], mesh, set())
+        nn_ = _split(codes_spec, 0, n, mesh, set(m))
+        b = _split(codes_spec, 1, k // q.block_size, mesh, set(m) | set(nn_))
+        parts = lambda axes: math.prod(dict(zip(mesh.axis_names, mesh.devices.shape))[a] for a in axes)
+        k_local, n_local = k // parts(b), n // parts(nn_)
+        platform = mesh.devices.flat[0].platform
+        m_e, n_e, b_e = _entry(m), _entry(nn_), _entry(b)
+
+        def lower(x2, *args):
+            shard = args[:len(leaves)]
+            constants = _shard_constants(q, shard, n_e, b_e, k_local, n_local) if nested else None
+            y = local(x2, _with_leaves(q, shard, (k_local, n_local), constants), devices=platform)
+            return y if not b else jax.lax.psum(y, b_e)
+
+        weight = NamedSharding(mesh, P(n_e, b_e))
+        leaf_shardings = [weight] + ([NamedSharding(mesh, P())] * (len(leaves) - 1 - (q.zero_point is not None))
+                                     if nested else [weight]) + ([weight] if q.zero_point is not None else [])
+        return (mesh, lower, NamedSharding(mesh, P(m_e, n_e)),
+                (NamedSharding(mesh, P(m_e, b_e)), *leaf_shardings, *[NamedSharding(mesh, P())] * len(consts)))
+
+    per_code = 2 if q.bits == 4 else 1
+    rules = [f"n (b c{per_code})"] + (["e0", "e1"] + (["e2"] if q.scale.offset is not None else [])
+                                      if nested else ["n b"]) + (["n b"] if q.zero_point is not None else [])
+    const_rules = [" ".join(f"f{i}_{d}" for d in range(c.ndim)) for i, c in enumerate(consts)]
+    replicated = tuple(r for r in rules if r.startswith("e")) + tuple(f for r in const_rules for f in r.split())
+    sizes = {"s": q.block_size, f"c{per_code}": q.block_size // per_code}
+    if "n b" not in rules:  # b only inside compound dims: its size must be given
+        sizes["b"] = k // q.block_size
+    call.def_partition(partition=partition, sharding_rule=", ".join(["m (b s)"] + rules + const_rules) + " -> m n",
+                       reduction_factors=("b",), need_replication_factors=replicated, **sizes)
+
+    @jax.custom_batching.custom_vmap
+    def run(x2, *ops):
+        return call(x2, *ops)
+
+    @run.def_vmap
+    def _batched(axis_size, in_batched, x2, *ops):
+        if not any(in_batched[1:]):  # x only: fold the batch into its rows
+            xb = x2 if in_batched[0] else jnp.broadcast_to(x2, (axis_size, *x2.shape))
+            weight = _with_leaves(q, ops[:len(leaves)])
+            return partitioned(local, xb.reshape(-1, k), weight).reshape(axis_size, -1, n), True
+        axes = [0 if b else None for b in in_batched]
+        return jax.vmap(whole, in_axes=axes)(x2, *ops), True
+
+    return run(x2, *leaves, *consts).reshape(*lead, n)

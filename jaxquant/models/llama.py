@@ -117,8 +117,9 @@ class Llama(nn.Module):
     ``(logits, cache)``: the KV cache for incremental decoding. ``remat=True`` recomputes each
     block in the backward pass (gradient checkpointing per block, for training).
 
-    With ``targets`` (ints shaped like ``tokens``; negative ones are ignored), returns the mean
-    negative log-likelihood of the targets, float32, instead of the logits. The head and the
+    With ``targets`` (ints shaped like ``tokens``; negative ones are ignored; one at or above the
+    vocabulary size raises, or under jit makes the loss NaN), returns the mean negative
+    log-likelihood of the targets, float32, instead of the logits. The head and the
     log-softmax run on ``loss_chunk`` tokens at a time, each chunk recomputed in the backward
     pass, so the full ``(batch, seq, vocab)`` logits never exist: at Llama-3's vocabulary they
     are 2.1 GB in float32 at 4x1024 tokens, more than the 4-bit weights of a 1B model. The
@@ -156,6 +157,13 @@ class Llama(nn.Module):
                 raise ValueError("targets= computes a training loss; it takes no cache")
             if targets.shape != tokens.shape:
                 raise ValueError(f"targets {targets.shape} must be shaped like tokens {tokens.shape}")
+            if not jnp.issubdtype(targets.dtype, jnp.integer):
+                raise TypeError(f"targets must be integers, got {targets.dtype}")
+            if not isinstance(targets, jax.core.Tracer) and targets.size:  # traced: NaN tells
+                top = int(np.asarray(targets).max())
+                if top >= c.vocab_size:
+                    raise ValueError(f"targets must be < vocab_size={c.vocab_size}, got {top}")
+            targets = targets.astype(jnp.int32)  # unsigned ones would hide the -1 that means "ignored"
             if self.is_initializing():
                 head(x[:, :1])  # its params are made here, outside the recomputed chunks
             return _chunked_nll(self, head, x, targets, self.loss_chunk)
@@ -193,6 +201,7 @@ def next_token_targets(tokens):
       >>> next_token_targets(jnp.array([[5, 6, 7]])).tolist()
       [[6, 7, -1]]
     """
+    tokens = jnp.asarray(tokens).astype(jnp.int32)  # -1 must stay -1 (unsigned tokens)
     return jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], -1)], axis=1)
 
 
