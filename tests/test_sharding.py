@@ -356,12 +356,12 @@ def test_per_shard_partitioning_leaves_out_what_its_rule_cannot_express():
 
 @pytest.fixture
 def kernel_on_cpu(monkeypatch):
-    """qmatmul's dispatch answering "a kernel, on cuda" (as on a Hopper machine): on the CPU,
-    ``platform_dependent`` then runs the XLA path per shard, so the whole per-shard hook runs."""
+    """qmatmul's dispatch answering "a kernel for this host's platform" (as on a Hopper machine),
+    the kernel being the XLA path: the whole per-shard hook runs on the CPU devices."""
     from jaxquant._src.kernels import dispatch
     from jaxquant._src.matmul_xla import qmatmul_xla
     kernel = lambda x, q: qmatmul_xla(x, q, compute_dtype=jnp.float32)
-    monkeypatch.setattr(dispatch, "choose", lambda x, q, **kw: dispatch.Choice(kernel, "cuda"))
+    monkeypatch.setattr(dispatch, "choose", lambda x, q, **kw: dispatch.Choice(kernel, "cpu"))
 
 
 def test_the_per_shard_hook_gives_the_unsharded_result_whatever_the_shardings(kernel_on_cpu, rng):

@@ -66,13 +66,15 @@ def _forward(x, q, implementation, interpret, compute_dtype, devices=None, parti
                              compute_dtype=compute_dtype)
     if choice.kernel is None:
         return xla(x, q)
+    kernel_platform = {"cuda": "gpu"}.get(choice.platform, choice.platform) or jax.default_backend()
     if devices is not None:
-        on_its_platform = choice.platform is None or {"cuda": "gpu"}.get(choice.platform, choice.platform) == devices
-        return choice.kernel(x, q) if on_its_platform else xla(x, q)
-    if partition and not interpret and jax.device_count() > 1 and matmul_sharded.applies(q):
+        return choice.kernel(x, q) if kernel_platform == devices else xla(x, q)
+    if (partition and not interpret and kernel_platform == jax.default_backend() and jax.device_count() > 1
+            and matmul_sharded.applies(q)):
         # XLA cannot split a kernel's custom call: it would gather the weight onto each device.
         # Partitioned, each device runs the kernel chosen for its own shard's shapes. (Interpret
-        # mode calls back to Python, which a partitioned call cannot.)
+        # mode calls back to Python, which a partitioned call cannot. Lowered for another
+        # platform than this host's devices, it stays one platform-dependent call.)
         local = functools.partial(_forward, implementation=implementation, interpret=interpret,
                                   compute_dtype=compute_dtype, partition=False)
         return matmul_sharded.partitioned(local, x, q)
