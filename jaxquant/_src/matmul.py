@@ -55,10 +55,10 @@ def _zero_cotangent(q: QArray) -> QArray:
     return jax.tree.map(zero, q)
 
 
-def _forward(x, q, implementation, interpret, compute_dtype, devices=None, partition=True):
-    """The product. ``partition``: a kernel call under several devices goes per shard.
-    ``devices`` (the platform a partitioned call is lowered for: "gpu", "tpu", "cpu") marks one
-    shard's call, which picks kernel or XLA directly."""
+def _forward(x, q, implementation, interpret, compute_dtype, devices=None):
+    """The product; a kernel call under several devices goes per shard. ``devices`` (the platform
+    a partitioned call is lowered for: "gpu", "tpu", "cpu") marks one shard's call, which picks
+    kernel or XLA directly."""
     if x.size == 0:  # no tokens (or K = 0): nothing to multiply, and no kernel to launch
         return jnp.zeros((*x.shape[:-1], q.shape[1]), x.dtype)
     xla = functools.partial(qmatmul_xla, compute_dtype=compute_dtype)
@@ -69,14 +69,14 @@ def _forward(x, q, implementation, interpret, compute_dtype, devices=None, parti
     kernel_platform = {"cuda": "gpu"}.get(choice.platform, choice.platform) or jax.default_backend()
     if devices is not None:
         return choice.kernel(x, q) if kernel_platform == devices else xla(x, q)
-    if (partition and not interpret and kernel_platform == jax.default_backend() and jax.device_count() > 1
-            and matmul_sharded.applies(q)):
+    on_host = kernel_platform == jax.default_backend()
+    if not interpret and on_host and jax.device_count() > 1 and matmul_sharded.applies(q):
         # XLA cannot split a kernel's custom call: it would gather the weight onto each device.
         # Partitioned, each device runs the kernel chosen for its own shard's shapes. (Interpret
         # mode calls back to Python, which a partitioned call cannot. Lowered for another
         # platform than this host's devices, it stays one platform-dependent call.)
         local = functools.partial(_forward, implementation=implementation, interpret=interpret,
-                                  compute_dtype=compute_dtype, partition=False)
+                                  compute_dtype=compute_dtype)
         return matmul_sharded.partitioned(local, x, q)
     if choice.platform is None:
         return choice.kernel(x, q)
