@@ -21,6 +21,7 @@ Writes experiments/results/bench_qlora_<device>.json. Peers (ANCHORS.md, H200): 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -106,7 +107,7 @@ def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int, breakdo
         fwd = jax.jit(loss)
         grad = jax.jit(jax.value_and_grad(loss))
 
-        @jax.jit
+        @functools.partial(jax.jit, donate_argnums=(0, 1))  # updated in place, as a training loop does
         def step(ad, state, q):
             value, g = jax.value_and_grad(loss)(ad, q)
             updates, state = opt.update(g, state, ad)
@@ -128,7 +129,7 @@ def run_jaxquant(size: str, variant: str, batches, seq: int, steps: int, breakdo
         peak = _peak_gb()
         t_fwd = t_grad = None
         if breakdown:  # two more compiles of the whole model
-            fwd(adapters, qparams), grad(adapters, qparams)
+            fwd(holder["ad"], qparams), grad(holder["ad"], qparams)
             t_fwd = _timed(lambda: fwd(holder["ad"], qparams), steps)
             t_grad = _timed(lambda: grad(holder["ad"], qparams), steps)
         rows.append(dict(lib="jaxquant", size=size, variant=variant, batch=batch, seq=seq,
