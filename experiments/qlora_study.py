@@ -8,7 +8,8 @@ and measures perplexity on the first ``--eval-tokens`` tokens of Emma (held out;
 the same adapter init and the same batches: float32 weights (LoRA), NF4 (QLoRA) and NF4 + double
 quant (QLoRA). bfloat16 compute, every block under ``nn.remat``, AdamW with warmup + cosine.
 Target: NF4 + DQ's held-out perplexity within 2% of float LoRA's.
-Writes experiments/results/qlora_study.json and qlora_study_loss.png (with matplotlib).
+Writes experiments/results/qlora_study[_<GPU name>].json and qlora_study_loss[_<GPU name>].png
+(with matplotlib).
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def main():
     for r in rows:
         r["vs_float_lora"] = r["heldout_ppl_after"] / ref - 1
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    suffix = "_smoke" if args.smoke else ""
+    device = jax.devices()[0]
+    suffix = "_smoke" if args.smoke else "" if device.platform == "cpu" else "_" + device.device_kind.replace(" ", "_")
     OUT.mkdir(exist_ok=True)
     (OUT / f"qlora_study{suffix}.json").write_text(json.dumps(dict(
         device=jax.devices()[0].device_kind, jax=jax.__version__, commit=commit, args=vars(args),
