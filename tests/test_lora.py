@@ -334,6 +334,72 @@ def test_quantize_module_with_lora_rank_trains_adapters_only():
     assert _bytes(nnx.state(model, nnx.Not(nnx.LoRAParam))) == base
 
 
+def test_stacked_nnx_layers_get_one_adapter_per_layer_and_match_the_layers_run_one_by_one():
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=64, qkv_features=64,
+                                               decode=False, rngs=rngs)
+            self.mlp = nnx.Linear(64, 64, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.mlp(nnx.gelu(self.attn(x)))
+
+    make = nnx.vmap(lambda key: Block(nnx.Rngs(key)), in_axes=0, out_axes=0)
+    stack = make(jax.random.split(jax.random.key(0), 3))
+    graphdef, state = nnx.split(stack)
+    layers = [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(3)]  # float, one each
+    jq.flax.quantize_module(stack, lora_rank=4, lora_alpha=8.0)
+    assert stack.mlp.lora_a.shape == (3, 64, 4) and stack.attn.out.lora_b.shape == (3, 4, 64)
+    for seed, lora in enumerate((stack.mlp, stack.attn.query, stack.attn.out)):  # B != 0, per layer
+        lora.lora_b[...] = jax.random.normal(jax.random.key(seed), lora.lora_b.shape) * 0.1
+    x = jax.random.normal(jax.random.key(1), (2, 5, 64))
+
+    @nnx.jit
+    def run(stack, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+        return body(x, stack)
+
+    want = x
+    for i, layer in enumerate(layers):  # the same layers quantized one by one, given the stack's adapters
+        jq.flax.quantize_module(layer, lora_rank=4, lora_alpha=8.0)
+        for name in ("mlp", "attn.query", "attn.key", "attn.value", "attn.out"):
+            one, stacked = layer, stack
+            for part in name.split("."):
+                one, stacked = getattr(one, part), getattr(stacked, part)
+            one.lora_a[...], one.lora_b[...] = stacked.lora_a[i], stacked.lora_b[i]
+        want = layer(want)
+    got = run(stack, x)
+    assert float(jnp.max(jnp.abs(got - run(without_adapters(stack), x)))) > 1e-3  # adapters count
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one layer at a time"):
+        stack.mlp(x)
+    base = _bytes(nnx.state(stack, nnx.Not(nnx.LoRAParam)))
+    optimizer = nnx.Optimizer(stack, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(stack, optimizer):
+        loss, grads = nnx.value_and_grad(lambda s: jnp.mean((run(s, x) - jnp.sin(x)) ** 2),
+                                         argnums=nnx.DiffState(0, nnx.LoRAParam))(stack)
+        optimizer.update(stack, grads)
+        return loss
+
+    with OPTAX_PROMOTION:
+        losses = [float(step(stack, optimizer)) for _ in range(10)]
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert _bytes(nnx.state(stack, nnx.Not(nnx.LoRAParam))) == base
+
+
+def without_adapters(stack):
+    """A copy of ``stack`` with every adapter's B zeroed."""
+    copy = nnx.clone(stack)
+    for _, layer in nnx.iter_modules(copy):
+        if isinstance(layer, jq.lora.LoRA):
+            layer.lora_b[...] = jnp.zeros_like(layer.lora_b[...])
+    return copy
+
+
 def test_training_step_holds_one_float_layer_at_a_time():
     class Stack(nn.Module):
         @nn.compact

@@ -143,7 +143,9 @@ class LoRA(nnx.Module):
     ``base`` is a layer whose ``kernel`` is a QArray and stays frozen: a 2-D one contracted with
     x's last axis (``QLinear``), or an ``nnx.LinearGeneral`` (the projections of
     ``nnx.MultiHeadAttention``), whose contracted input axes are flattened into K
-    (``lora.matrix_shape``).
+    (``lora.matrix_shape``). Around stacked layers (``nnx.vmap``-made, run by ``nnx.scan``) the
+    adapters are stacked alike, ``(*stack, K, rank)`` and ``(*stack, rank, N)``: one per layer,
+    sliced with the kernel.
     """
 
     def __init__(self, base: nnx.Module, rank: int, alpha: float, *, rngs: nnx.Rngs,
@@ -153,13 +155,17 @@ class LoRA(nnx.Module):
             raise ValueError(f"lora rank must be an int in [1, {min(k, n)}] for a {k} x {n} kernel, "
                              f"got rank={rank!r}")
         bound = 1.0 / math.sqrt(k)
+        stack = layout.stack_shape(base.kernel)
         self.base = base
-        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (k, rank), dtype, -bound, bound))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, n), dtype))
+        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (*stack, k, rank), dtype, -bound, bound))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*stack, rank, n), dtype))
         self.scale = float(alpha) / rank
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
 
     def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
+        if self.lora_a.ndim != 2:
+            raise ValueError(f"this LoRA layer holds {self.lora_a.ndim - 2} stack axes of layers: run it "
+                             f"one layer at a time (nnx.scan / nnx.vmap over the stack)")
         y = self.base(x, **kwargs)  # e.g. out_sharding, which nnx.MultiHeadAttention passes
         h = self.dropout(x) if self.dropout is not None else x
         if isinstance(self.base, nnx.LinearGeneral):  # its input axes, moved last and merged
@@ -171,9 +177,10 @@ class LoRA(nnx.Module):
 
 
 def _adaptable(m) -> bool:
-    """A layer ``LoRA`` can wrap: a one-layer QArray kernel contracted as ``x[..., K] @ W[K, N]``."""
+    """A layer ``LoRA`` can wrap: a QArray kernel (one layer or a stack) contracted as
+    ``x[..., K] @ W[K, N]``."""
     kernel = getattr(m, "kernel", None)
-    if not isinstance(kernel, QArray) or layout.stack_ndim(kernel):
+    if not isinstance(kernel, QArray):
         return False
     if isinstance(m, nnx.LinearGeneral):
         return not m.batch_axis
@@ -183,8 +190,8 @@ def _adaptable(m) -> bool:
 def add_lora(module: nnx.Module, rank: int = 16, alpha: float = 32.0, *, rngs: nnx.Rngs | None = None,
              pattern: str | None = None, dtype=jnp.float32, dropout: float = 0.0) -> nnx.Module:
     """Wrap every quantized ``QLinear`` or ``nnx.LinearGeneral`` layer (kernel path matching
-    ``pattern``, default all) in ``LoRA``, in place; returns ``module``. Einsum, Conv, Embed and
-    stacked (scanned) layers keep no adapter.
+    ``pattern``, default all) in ``LoRA``, in place; returns ``module``. Einsum, Conv and Embed
+    keep no adapter; stacked layers (``nnx.vmap``-made) get stacked adapters, one per layer.
 
     Raises:
       AdapterError: no quantized layer matches. ValueError: a bad rank.
