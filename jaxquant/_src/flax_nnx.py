@@ -182,7 +182,8 @@ def quantize_module(module: nnx.Module, policy: Policy | None = None, *, lora_ra
 
     ``lora_rank``: then wrap each quantized ``QLinear`` / ``LinearGeneral`` in ``jaxquant.lora.LoRA``
     (``jaxquant.lora.add_lora``: ``nnx.LoRAParam`` adapters of that rank, scaled by
-    ``lora_alpha / lora_rank``), for QLoRA with ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
+    ``lora_alpha / lora_rank``; a stacked layer gets one adapter per layer), for QLoRA with
+    ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``.
 
     Example:
       >>> from flax import nnx; import jax.numpy as jnp, jaxquant as jq
