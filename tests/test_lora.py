@@ -353,14 +353,6 @@ def test_stacked_nnx_layers_get_one_adapter_per_layer_and_match_the_layers_run_o
     for seed, lora in enumerate((stack.mlp, stack.attn.query, stack.attn.out)):  # B != 0, per layer
         lora.lora_b[...] = jax.random.normal(jax.random.key(seed), lora.lora_b.shape) * 0.1
     x = jax.random.normal(jax.random.key(1), (2, 5, 64))
-
-    @nnx.jit
-    def run(stack, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, block):
-            return block(x)
-        return body(x, stack)
-
     want = x
     for i, layer in enumerate(layers):  # the same layers quantized one by one, given the stack's adapters
         jq.flax.quantize_module(layer, lora_rank=4, lora_alpha=8.0)
@@ -370,8 +362,8 @@ def test_stacked_nnx_layers_get_one_adapter_per_layer_and_match_the_layers_run_o
                 one, stacked = getattr(one, part), getattr(stacked, part)
             one.lora_a[...], one.lora_b[...] = stacked.lora_a[i], stacked.lora_b[i]
         want = layer(want)
-    got = run(stack, x)
-    assert float(jnp.max(jnp.abs(got - run(without_adapters(stack), x)))) > 1e-3  # adapters count
+    got = _run_stack(stack, x)
+    assert float(jnp.max(jnp.abs(got - _run_stack(without_adapters(stack), x)))) > 1e-3  # adapters count
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one layer at a time"):
         stack.mlp(x)
@@ -380,7 +372,7 @@ def test_stacked_nnx_layers_get_one_adapter_per_layer_and_match_the_layers_run_o
 
     @nnx.jit
     def step(stack, optimizer):
-        loss, grads = nnx.value_and_grad(lambda s: jnp.mean((run(s, x) - jnp.sin(x)) ** 2),
+        loss, grads = nnx.value_and_grad(lambda s: jnp.mean((_run_stack(s, x) - jnp.sin(x)) ** 2),
                                          argnums=nnx.DiffState(0, nnx.LoRAParam))(stack)
         optimizer.update(stack, grads)
         return loss
@@ -389,6 +381,35 @@ def test_stacked_nnx_layers_get_one_adapter_per_layer_and_match_the_layers_run_o
         losses = [float(step(stack, optimizer)) for _ in range(10)]
     assert losses[-1] < 0.9 * losses[0], losses
     assert _bytes(nnx.state(stack, nnx.Not(nnx.LoRAParam))) == base
+
+
+@nnx.jit
+def _run_stack(stack, x):
+    """The stacked layers one after another, by ``nnx.scan``."""
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, block):
+        return block(x)
+    return body(x, stack)
+
+
+def test_stacked_lora_dropout_draws_from_per_layer_keys_under_scan():
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.mlp = nnx.Linear(64, 64, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.mlp(x)
+
+    stack = nnx.vmap(lambda key: Block(nnx.Rngs(key)), in_axes=0, out_axes=0)(jax.random.split(jax.random.key(0), 3))
+    jq.flax.quantize_module(stack, jq.Policy(rules=(jq.Rule(r"kernel$"),)))
+    jq.lora.add_lora(stack, rank=4, dropout=0.5, rngs=nnx.Rngs(1))
+    stack.mlp.lora_b[...] = jnp.ones_like(stack.mlp.lora_b[...])
+    assert all(leaf.shape == (3,) for leaf in jax.tree.leaves(nnx.state(stack, nnx.RngState)))
+    x = jnp.ones((2, 64))
+    first, second = _run_stack(stack, x), _run_stack(stack, x)
+    assert float(jnp.max(jnp.abs(first - second))) > 1e-3  # fresh masks each call
+    stack.eval()  # no dropout: deterministic
+    np.testing.assert_array_equal(_run_stack(stack, x), _run_stack(stack, x))
 
 
 def without_adapters(stack):

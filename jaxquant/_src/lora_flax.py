@@ -161,6 +161,8 @@ class LoRA(nnx.Module):
         self.lora_b = nnx.LoRAParam(jnp.zeros((*stack, rank, n), dtype))
         self.scale = float(alpha) / rank
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
+        if self.dropout is not None and stack:  # stacked keys, which nnx.scan slices with the layers
+            self.dropout.rngs = rngs[self.dropout.rng_collection].split(stack)
 
     def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
         if self.lora_a.ndim != 2:
