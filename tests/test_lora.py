@@ -301,17 +301,18 @@ def test_flax_apply_lora_on_stock_attention_equals_merge():
     chex.assert_trees_all_equal(jq.lora.apply(model, q, x, adapters=adapters), jq.flax.apply(model, q, x, lora=adapters))
 
 
+class AttentionMlp(nnx.Module):
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=64, qkv_features=128,
+                                           decode=False, rngs=rngs)
+        self.mlp = nnx.Linear(64, 64, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.mlp(nnx.gelu(self.attn(x)))
+
+
 def test_quantize_module_with_lora_rank_trains_adapters_only():
-    class Block(nnx.Module):
-        def __init__(self, rngs):
-            self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=64, qkv_features=128,
-                                               decode=False, rngs=rngs)
-            self.mlp = nnx.Linear(64, 64, rngs=rngs)
-
-        def __call__(self, x):
-            return self.mlp(nnx.gelu(self.attn(x)))
-
-    model = jq.flax.quantize_module(Block(nnx.Rngs(0)), lora_rank=4, lora_alpha=8.0,
+    model = jq.flax.quantize_module(AttentionMlp(nnx.Rngs(0)), lora_rank=4, lora_alpha=8.0,
                                     lora_rngs=nnx.Rngs(1))
     assert isinstance(model.mlp, jq.lora.LoRA) and isinstance(model.attn.out, jq.lora.LoRA)
     assert model.attn.out.base.kernel.axis == (0, 1) and model.attn.out.lora_a.shape == (128, 4)
@@ -335,16 +336,7 @@ def test_quantize_module_with_lora_rank_trains_adapters_only():
 
 
 def test_stacked_nnx_layers_get_one_adapter_per_layer_and_match_the_layers_run_one_by_one():
-    class Block(nnx.Module):
-        def __init__(self, rngs):
-            self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=64, qkv_features=64,
-                                               decode=False, rngs=rngs)
-            self.mlp = nnx.Linear(64, 64, rngs=rngs)
-
-        def __call__(self, x):
-            return x + self.mlp(nnx.gelu(self.attn(x)))
-
-    make = nnx.vmap(lambda key: Block(nnx.Rngs(key)), in_axes=0, out_axes=0)
+    make = nnx.vmap(lambda key: AttentionMlp(nnx.Rngs(key)), in_axes=0, out_axes=0)
     stack = make(jax.random.split(jax.random.key(0), 3))
     graphdef, state = nnx.split(stack)
     layers = [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(3)]  # float, one each
