@@ -152,6 +152,20 @@ def test_linen_training_changes_only_adapters(mlp):
         assert not np.allclose(adapters[name].b, before_ad[name].b)
 
 
+def _train_adapters(model, loss_fn, tx, steps):
+    """``steps`` jitted updates of ``model``'s ``nnx.LoRAParam`` only; the losses."""
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    with OPTAX_PROMOTION:
+        return [float(step(model, optimizer)) for _ in range(steps)]
+
+
 def test_nnx_training_changes_only_lora_params():
     model = nnx.Sequential(nnx.Linear(64, 128, rngs=nnx.Rngs(0)), nnx.gelu, nnx.Linear(128, 64, rngs=nnx.Rngs(1)))
     model = jq.flax.quantize_module(model)
@@ -161,17 +175,7 @@ def test_nnx_training_changes_only_lora_params():
     target = jnp.sin(x)
     base = _bytes(nnx.state(model, nnx.Not(nnx.LoRAParam)))
     lora_before = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
-    optimizer = nnx.Optimizer(model, optax.adamw(3e-2), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(model, optimizer):
-        loss_fn = lambda m: jnp.mean((m(x) - target) ** 2)
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    with OPTAX_PROMOTION:
-        losses = [float(step(model, optimizer)) for _ in range(30)]
+    losses = _train_adapters(model, lambda m: jnp.mean((m(x) - target) ** 2), optax.adamw(3e-2), 30)
     assert losses[-1] < 0.7 * losses[0], losses
     assert _bytes(nnx.state(model, nnx.Not(nnx.LoRAParam))) == base
     after = nnx.state(model, nnx.LoRAParam)
@@ -320,17 +324,7 @@ def test_quantize_module_with_lora_rank_trains_adapters_only():
     x = jax.random.normal(jax.random.key(3), (8, 6, 64))
     target = jnp.sin(x)
     base = _bytes(nnx.state(model, nnx.Not(nnx.LoRAParam)))
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(model, optimizer):
-        loss_fn = lambda m: jnp.mean((m(x) - target) ** 2)
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    with OPTAX_PROMOTION:
-        losses = [float(step(model, optimizer)) for _ in range(40)]
+    losses = _train_adapters(model, lambda m: jnp.mean((m(x) - target) ** 2), optax.adamw(1e-3), 40)
     assert losses[-1] < 0.9 * losses[0], losses
     assert _bytes(nnx.state(model, nnx.Not(nnx.LoRAParam))) == base
 
@@ -360,17 +354,7 @@ def test_stacked_nnx_layers_get_one_adapter_per_layer_and_match_the_layers_run_o
     with pytest.raises(ValueError, match="one layer at a time"):
         stack.mlp(x)
     base = _bytes(nnx.state(stack, nnx.Not(nnx.LoRAParam)))
-    optimizer = nnx.Optimizer(stack, optax.adam(1e-2), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(stack, optimizer):
-        loss, grads = nnx.value_and_grad(lambda s: jnp.mean((_run_stack(s, x) - jnp.sin(x)) ** 2),
-                                         argnums=nnx.DiffState(0, nnx.LoRAParam))(stack)
-        optimizer.update(stack, grads)
-        return loss
-
-    with OPTAX_PROMOTION:
-        losses = [float(step(stack, optimizer)) for _ in range(10)]
+    losses = _train_adapters(stack, lambda s: jnp.mean((_run_stack(s, x) - jnp.sin(x)) ** 2), optax.adam(1e-2), 10)
     assert losses[-1] < 0.9 * losses[0], losses
     assert _bytes(nnx.state(stack, nnx.Not(nnx.LoRAParam))) == base
 
