@@ -143,10 +143,12 @@ def main():
         r["vs_float_lora"] = r["heldout_ppl_after"] / ref - 1
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     device = jax.devices()[0]
-    suffix = "_smoke" if args.smoke else "" if device.platform == "cpu" else "_" + device.device_kind.replace(" ", "_")
+    suffix = "" if device.platform == "cpu" else "_" + device.device_kind.replace(" ", "_")
+    if args.smoke:
+        suffix = "_smoke"
     OUT.mkdir(exist_ok=True)
     (OUT / f"qlora_study{suffix}.json").write_text(json.dumps(dict(
-        device=jax.devices()[0].device_kind, jax=jax.__version__, commit=commit, args=vars(args),
+        device=device.device_kind, jax=jax.__version__, commit=commit, args=vars(args),
         train_tokens=len(train_ids), eval_tokens=len(eval_ids), target="nf4+dq within 2% of float",
         rows=rows), indent=2))
     _plot(rows, OUT / f"qlora_study_loss{suffix}.png")
