@@ -359,6 +359,14 @@ def test_stacked_nnx_layers_get_one_adapter_per_layer_and_match_the_layers_run_o
     assert _bytes(nnx.state(stack, nnx.Not(nnx.LoRAParam))) == base
 
 
+@pytest.mark.parametrize("rank", [0, 65, 2.0, True])
+def test_a_bad_rank_on_stacked_layers_raises_per_layer_bounds(rank):
+    stack = nnx.vmap(lambda key: AttentionMlp(nnx.Rngs(key)), in_axes=0, out_axes=0)(jax.random.split(jax.random.key(0), 2))
+    jq.flax.quantize_module(stack)
+    with pytest.raises(ValueError, match=r"\[1, 64\] for a 64 x 64 kernel"):  # the layer's, not the stack's
+        jq.lora.add_lora(stack, rank=rank, pattern=r"mlp/kernel$")
+
+
 @nnx.jit
 def _run_stack(stack, x):
     """The stacked layers one after another, by ``nnx.scan``."""
